@@ -1,0 +1,575 @@
+"""Domain and SMTP address normalisation: the canonical keys every other part of domainpolicy uses.
+
+Design
+------
+``normalize_domain`` turns any spelling of a domain (U-labels, mixed case, a trailing dot,
+ideographic full stops, upper-case A-labels) into one canonical A-label string, or raises
+``InvalidDomain`` with a stable ``reason`` code.
+
+There are two paths, and both end in the same label checker (``_finish``) so they cannot disagree:
+
+* the **ASCII path** (``_ascii_path``): for pure-ASCII input, ``str.lower`` is exactly what UTS #46
+  mapping does to ASCII letters, and every ASCII character other than letters, digits, ``-`` and
+  ``.`` is disallowed under the STD3 rules.  ``idna`` is only consulted for labels that start with
+  ``xn--`` (to validate the A-label).  A further shortcut accepts the common case (short LDH names
+  with a letter at the end and no ``--``) after a handful of C-level string operations.
+* the **Unicode path** (``_unicode_path``): UTS #46 nontransitional mapping with STD3 rules
+  (``idna.uts46_remap``), then IDNA 2008 validation and Punycode per label (``idna.alabel``),
+  each per-label result cached.
+
+Linear time: input longer than ``MAX_INPUT_CHARS`` is refused before any work, no label longer
+than 63 octets (59 code points for a U-label, whose A-label is at least four octets longer) is
+ever handed to ``idna``, and every loop here visits each character a bounded number of times.
+
+Rules beyond IDNA 2008 that we enforce on both paths: at most 253 octets in the whole name (one
+trailing dot removed first), a top-level label that is not all digits (``1.2.3.4`` is an IP
+address, not a domain; RFC 3696 section 2), and single-label names only on request.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+import unicodedata
+from typing import Final, NewType
+
+import attrs
+import idna
+
+from ._errors import InvalidAddress, InvalidDomain
+
+__all__ = [
+    "MAX_INPUT_CHARS",
+    "Address",
+    "NormalizedDomain",
+    "domain_to_unicode",
+    "normalize_domain",
+    "parse_address",
+]
+
+NormalizedDomain = NewType("NormalizedDomain", str)
+"""A domain in canonical form: lower-case A-labels joined by dots, no trailing dot."""
+
+MAX_INPUT_CHARS: Final = 1024
+"""Longest input (in code points) examined at all; longer text is refused as ``input_too_long``.
+
+No valid domain is longer than 254 characters once mapped; the headroom allows for characters
+UTS #46 deletes (soft hyphens and the like).  idna >= 3.17 applies the same 1024 cap.
+"""
+
+_MAX_NAME_OCTETS: Final = 253
+_MAX_LABEL_OCTETS: Final = 63
+# Punycode output for n code points is at least n octets, plus the 4-octet ``xn--`` prefix.
+_MAX_ULABEL_CHARS: Final = _MAX_LABEL_OCTETS - 4
+_CACHE_SIZE: Final = 65536
+_LABEL_CACHE_SIZE: Final = 8192
+
+_LDH: Final = "abcdefghijklmnopqrstuvwxyz0123456789-"
+_LDH_DOT: Final = _LDH + "."
+_ASCII_ALLOWED: Final = frozenset(_LDH_DOT + "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_IDEOGRAPHIC_DOTS: Final = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
+
+
+def _domain_error(
+    text: object, reason: str, detail: str, position: int | None = None
+) -> InvalidDomain:
+    return InvalidDomain(text, reason, detail, position)
+
+
+# --------------------------------------------------------------------------- idna wrappers
+
+
+def _reason_for_idna(exc: Exception) -> str:
+    """Map an idna exception onto one of our stable reason codes."""
+    message = str(exc)
+    if isinstance(exc, idna.IDNABidiError):
+        return "bidi_rule"
+    if isinstance(exc, idna.InvalidCodepointContext):
+        return "context_rule"
+    if isinstance(exc, idna.InvalidCodepoint):
+        return "disallowed_codepoint"
+    lowered = message.lower()
+    for needle, reason in (
+        ("too long", "label_too_long"),
+        ("hyphens in 3rd and 4th", "reserved_hyphens"),
+        ("start or end with a hyphen", "bad_hyphen"),
+        ("combining", "leading_combining_mark"),
+        ("normalization form c", "not_nfc"),
+        ("empty", "empty_label"),
+        ("a-label", "bad_alabel"),
+        ("punycode", "bad_alabel"),
+    ):
+        if needle in lowered:
+            return reason
+    return "invalid_idna"
+
+
+@functools.lru_cache(maxsize=_LABEL_CACHE_SIZE)
+def _alabel_for(ulabel: str) -> str:
+    """Return the A-label of a (mapped, non-ASCII) U-label; raises idna errors."""
+    return idna.alabel(ulabel).decode("ascii")
+
+
+@functools.lru_cache(maxsize=_LABEL_CACHE_SIZE)
+def _ulabel_for(alabel: str) -> str:
+    """Validate a lower-case ``xn--`` label and return its U-label; raises ``ValueError``.
+
+    RFC 5891 section 5.4: the Punycode must decode, the result must be a valid U-label that is not
+    pure ASCII, and encoding it again must give back exactly the same A-label.
+    """
+    ulabel = idna.ulabel(alabel)
+    if ulabel.isascii():
+        raise ValueError(f"A-label {alabel!r} decodes to the ASCII label {ulabel!r}")
+    if _alabel_for(ulabel) != alabel:
+        raise ValueError(f"A-label {alabel!r} is not the canonical encoding of {ulabel!r}")
+    return ulabel
+
+
+# --------------------------------------------------------------------------- the shared checker
+
+
+def _finish(text: str, mapped: str, aligned: bool) -> str:
+    """Check the labels of a mapped, lower-case name and return its canonical A-label form.
+
+    *mapped* is the output of UTS #46 mapping (or ``str.lower`` on ASCII input, which is the same
+    thing).  *aligned* says whether offsets in *mapped* are offsets in *text* (so errors can
+    carry a position).
+    """
+    if mapped.endswith("."):
+        mapped = mapped[:-1]
+    if not mapped:
+        raise _domain_error(text, "empty", "a domain needs at least one label")
+    out: list[str] = []
+    offset = 0
+    for label in mapped.split("."):
+        where = offset if aligned else None
+        if not label:
+            raise _domain_error(text, "empty_label", "labels may not be empty", where)
+        if label.isascii():
+            if len(label) > _MAX_LABEL_OCTETS:
+                raise _domain_error(
+                    text,
+                    "label_too_long",
+                    f"label of {len(label)} octets exceeds {_MAX_LABEL_OCTETS}",
+                    where,
+                )
+            if label[0] == "-" or label[-1] == "-":
+                raise _domain_error(
+                    text, "bad_hyphen", "labels may not start or end with '-'", where
+                )
+            if label[2:4] == "--":
+                if not label.startswith("xn--"):
+                    raise _domain_error(
+                        text,
+                        "reserved_hyphens",
+                        "'--' in the 3rd and 4th positions is reserved for A-labels (xn--)",
+                        where,
+                    )
+                try:
+                    _ulabel_for(label)
+                except (ValueError, UnicodeError, IndexError, OverflowError) as exc:
+                    raise _domain_error(
+                        text, "bad_alabel", f"{label!r} is not a valid A-label: {exc}", where
+                    ) from exc
+            out.append(label)
+        else:
+            if len(label) > _MAX_ULABEL_CHARS:
+                raise _domain_error(
+                    text,
+                    "label_too_long",
+                    f"label of {len(label)} code points encodes to more than "
+                    f"{_MAX_LABEL_OCTETS} octets",
+                    where,
+                )
+            try:
+                alabel = _alabel_for(label)
+            except (ValueError, UnicodeError, IndexError, OverflowError) as exc:
+                raise _domain_error(
+                    text, _reason_for_idna(exc), f"label {label!r}: {exc}", where
+                ) from exc
+            if len(alabel) > _MAX_LABEL_OCTETS:
+                raise _domain_error(
+                    text,
+                    "label_too_long",
+                    f"label {label!r} encodes to {len(alabel)} octets, more than "
+                    f"{_MAX_LABEL_OCTETS}",
+                    where,
+                )
+            out.append(alabel)
+        offset += len(label) + 1
+    if out[-1].isdigit():
+        raise _domain_error(
+            text,
+            "numeric_tld",
+            f"the top-level label {out[-1]!r} is all digits (an IP address is not a domain)",
+            offset - len(out[-1]) - 1 if aligned else None,
+        )
+    result = ".".join(out)
+    if len(result) > _MAX_NAME_OCTETS:
+        raise _domain_error(
+            text,
+            "too_long",
+            f"name of {len(result)} octets exceeds {_MAX_NAME_OCTETS}",
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- the two paths
+
+
+def _ascii_path(text: str) -> str:
+    """Normalise pure-ASCII *text* without calling idna (except to validate ``xn--`` labels)."""
+    mapped = text.lower()
+    # Shortcut for the common case.  Every condition here implies _finish returns *mapped*
+    # unchanged: LDH characters only, no empty labels, no label starting or ending with '-',
+    # no '--' anywhere (so no xn-- and no reserved hyphens), total <= 63 octets (so each
+    # label is too), at least two labels, and a letter last (so the TLD is not all digits).
+    if (
+        len(mapped) <= _MAX_LABEL_OCTETS
+        and not mapped.strip(_LDH_DOT)
+        and "." in mapped
+        and mapped[0] not in ".-"
+        and mapped[-1] > "9"
+        and ".." not in mapped
+        and "-." not in mapped
+        and ".-" not in mapped
+        and "--" not in mapped
+    ):
+        return mapped
+    if mapped.strip(_LDH_DOT):
+        # Same answer as UTS #46 with STD3 rules: the first disallowed character, by position.
+        for position, char in enumerate(text):
+            if char not in _ASCII_ALLOWED:
+                raise _domain_error(
+                    text,
+                    "disallowed_codepoint",
+                    f"code point U+{ord(char):04X} is not allowed in a host name",
+                    position,
+                )
+    return _finish(text, mapped, aligned=True)
+
+
+_POSITION_RE: Final = re.compile(r"position (\d+)")
+
+
+def _unicode_path(text: str) -> str:
+    """Normalise any *text* through UTS #46 mapping and IDNA 2008 validation."""
+    try:
+        mapped = idna.uts46_remap(text, std3_rules=True, transitional=False)
+    except (idna.IDNAError, UnicodeError, ValueError, IndexError) as exc:
+        found = _POSITION_RE.search(str(exc))
+        position = int(found.group(1)) - 1 if found else None
+        char = text[position] if position is not None and 0 <= position < len(text) else None
+        what = f"code point U+{ord(char):04X}" if char is not None else "a code point"
+        raise _domain_error(
+            text,
+            "disallowed_codepoint",
+            f"{what} is not allowed in a host name (UTS #46 with STD3 rules)",
+            position,
+        ) from exc
+    return _finish(text, mapped, aligned=text.isascii())
+
+
+def _check_input(text: object, error: type[InvalidDomain] | type[InvalidAddress]) -> str:
+    if not isinstance(text, str):
+        raise error(text, "not_text", f"expected str, got {type(text).__name__}")
+    if len(text) > MAX_INPUT_CHARS:
+        raise error(
+            text,
+            "input_too_long",
+            f"{len(text)} characters is longer than the {MAX_INPUT_CHARS} examined",
+        )
+    return str(text)
+
+
+def _normalize_uncached(text: str) -> str:
+    if text.isascii():
+        return _ascii_path(text)
+    return _unicode_path(text.translate(_IDEOGRAPHIC_DOTS))
+
+
+_normalize_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_normalize_uncached)
+
+
+def normalize_domain(text: str, *, allow_single_label: bool = False) -> NormalizedDomain:
+    """Return the canonical A-label form of a domain name, the key used everywhere.
+
+    UTS #46 nontransitional mapping with STD3 rules and IDNA 2008 validation (``faß.de`` gives
+    ``xn--fa-hia.de``), lower case, one trailing dot removed, U+3002, U+FF0E and U+FF61 accepted
+    as dots, labels of 1 to 63 octets, names of at most 253 octets, no empty labels, ``xn--``
+    labels checked to be genuine A-labels, a top-level label that is not all digits.  Results
+    are cached (bounded LRU, thread-safe).
+
+    Args:
+        text: the domain as received, in any Unicode or ASCII spelling.
+        allow_single_label: accept names of one label such as ``localhost``.
+
+    Raises:
+        InvalidDomain: *text* is not a valid domain; ``reason`` names the rule broken
+            (see `InvalidDomain` for the codes) and ``position`` the offending offset when known.
+    """
+    text = _check_input(text, InvalidDomain)
+    result = _normalize_cached(text)
+    if not allow_single_label and "." not in result:
+        raise _domain_error(
+            text, "single_label", f"{result!r} has a single label; a dot-separated name is required"
+        )
+    return NormalizedDomain(result)
+
+
+def domain_to_unicode(domain: str, *, allow_single_label: bool = False) -> str:
+    """Return a domain for display: normalised, with every A-label shown as its U-label.
+
+    Raises:
+        InvalidDomain: *domain* is not a valid domain (as for `normalize_domain`).
+    """
+    normalized = normalize_domain(domain, allow_single_label=allow_single_label)
+    if "xn--" not in normalized:
+        return normalized
+    return ".".join(
+        _ulabel_for(label) if label.startswith("xn--") else label
+        for label in normalized.split(".")
+    )
+
+
+# --------------------------------------------------------------------------- addresses
+
+_MAX_LOCAL_OCTETS: Final = 64
+_MAX_PATH_OCTETS: Final = 256
+# RFC 5321 atext; RFC 6531 adds every non-ASCII character (UTF8-non-ascii).
+_ATEXT: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~"
+)
+
+
+def _is_atext(char: str) -> bool:
+    return char in _ATEXT or (ord(char) > 127 and _is_utf8_char(char))
+
+
+def _is_utf8_char(char: str) -> bool:
+    """A non-ASCII character that may appear in SMTPUTF8 text (no surrogates, no controls)."""
+    return not (0xD800 <= ord(char) <= 0xDFFF) and unicodedata.category(char) not in ("Cc", "Cs")
+
+
+def _is_qtext(char: str) -> bool:
+    code = ord(char)
+    return (32 <= code <= 126 and char not in '"\\') or (code > 127 and _is_utf8_char(char))
+
+
+def _octets(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+@attrs.frozen
+class Address:
+    """An SMTP mailbox or the null reverse-path, as parsed by `parse_address`.
+
+    Attributes:
+        local_part: exactly as given (case kept, RFC 5321 section 2.4), quotes included for a
+            quoted local part; empty for the null path.
+        domain: the normalised domain, or ``None`` for the null path and for address literals.
+        literal: the address literal in canonical bracketed form (``[192.0.2.1]``,
+            ``[IPv6:2001:db8::1]``), or ``None``.
+        original: the text as received (not part of equality).
+    """
+
+    local_part: str
+    domain: NormalizedDomain | None
+    literal: str | None = None
+    original: str = attrs.field(default="", eq=False, repr=False)
+
+    @property
+    def is_null(self) -> bool:
+        """True for the null reverse-path ``<>`` (bounces and other automatic mail)."""
+        return self.domain is None and self.literal is None
+
+    @property
+    def mailbox(self) -> str:
+        """``local@domain`` (A-label domain) or ``local@[literal]``; empty for the null path."""
+        if self.is_null:
+            return ""
+        return f"{self.local_part}@{self.domain if self.domain is not None else self.literal}"
+
+    @property
+    def path(self) -> str:
+        """The RFC 5321 path form with angle brackets, e.g. ``<user@example.com>`` or ``<>``."""
+        return f"<{self.mailbox}>"
+
+    @property
+    def needs_smtputf8(self) -> bool:
+        """True when the local part is not ASCII (the domain is always A-labels here)."""
+        return not self.local_part.isascii()
+
+    def __str__(self) -> str:
+        return self.mailbox
+
+
+def _address_error(text: str, reason: str, detail: str, position: int | None = None) -> InvalidAddress:
+    return InvalidAddress(text, reason, detail, position)
+
+
+def _scan_local_part(text: str, start: int, end: int) -> int:
+    """Return the index of the '@' that ends the local part in ``text[start:end]``."""
+    if start < end and text[start] == '"':
+        i = start + 1
+        while i < end:
+            char = text[i]
+            if char == "\\":
+                if i + 1 >= end or not (32 <= ord(text[i + 1]) <= 126):
+                    raise _address_error(
+                        text, "bad_quoted_string", "backslash must quote a printable ASCII character", i
+                    )
+                i += 2
+            elif char == '"':
+                break
+            elif _is_qtext(char):
+                i += 1
+            else:
+                raise _address_error(
+                    text,
+                    "bad_quoted_string",
+                    f"U+{ord(char):04X} is not allowed in a quoted local part",
+                    i,
+                )
+        else:
+            raise _address_error(text, "bad_quoted_string", "unterminated quoted local part", start)
+        i += 1
+        if i >= end or text[i] != "@":
+            raise _address_error(text, "missing_at", "expected '@' after the quoted local part", i)
+        return i
+    i = start
+    previous = "."
+    while i < end:
+        char = text[i]
+        if char == "@":
+            break
+        if char == ".":
+            if previous == ".":
+                raise _address_error(
+                    text,
+                    "bad_local_part",
+                    "a dot-string local part may not have empty atoms (leading, trailing or '..')",
+                    i,
+                )
+        elif not _is_atext(char):
+            raise _address_error(
+                text, "bad_local_part", f"U+{ord(char):04X} is not allowed in a local part", i
+            )
+        previous = char
+        i += 1
+    if i >= end:
+        raise _address_error(text, "missing_at", "no '@' separates local part and domain")
+    if i == start:
+        raise _address_error(text, "bad_local_part", "the local part is empty", i)
+    if previous == ".":
+        raise _address_error(text, "bad_local_part", "the local part may not end with '.'", i - 1)
+    return i
+
+
+def _parse_literal(text: str, inner: str, position: int) -> str:
+    if inner.lower().startswith("ipv6:"):
+        try:
+            return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        except ValueError as exc:
+            raise _address_error(text, "bad_literal", f"bad IPv6 address literal: {exc}", position) from exc
+    if inner[:1].isdigit():
+        try:
+            return f"[{ipaddress.IPv4Address(inner)}]"
+        except ValueError as exc:
+            raise _address_error(text, "bad_literal", f"bad IPv4 address literal: {exc}", position) from exc
+    tag, colon, content = inner.partition(":")
+    if (
+        colon
+        and tag
+        and all(c.isascii() and (c.isalnum() or c == "-") for c in tag)
+        and tag[-1] != "-"
+        and content
+        and all(33 <= ord(c) <= 126 and c not in "[\\]" for c in content)
+    ):
+        return f"[{inner}]"
+    raise _address_error(
+        text, "bad_literal", "expected [IPv4], [IPv6:...] or [tag:content] address literal", position
+    )
+
+
+def parse_address(text: str, *, allow_null: bool = True) -> Address:
+    """Parse an SMTP path or bare mailbox the way MTAs pass them.
+
+    Accepts ``user@example.com``, ``<user@example.com>``, source routes
+    (``<@a.example,@b.example:user@example.com>``, ignored per RFC 5321 section 4.1.2), quoted
+    local parts (``"a@b"@example.com``), SMTPUTF8 local parts and domains, address literals
+    (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``) and surrounding whitespace.  The null
+    reverse-path is ``<>``; an empty string means the same (Postfix passes ``sender=`` empty).
+    The local part is kept exactly as given; the domain is normalised with `normalize_domain`.
+    Limits (RFC 5321 section 4.5.3.1): local part 64 octets, path 256 octets.
+
+    Args:
+        text: the address as received.
+        allow_null: accept the null path; pass False for recipients.
+
+    Raises:
+        InvalidAddress: *text* is not a valid path; ``reason`` names the rule broken.  When the
+            domain is at fault the reason is ``bad_domain`` and ``__cause__`` is the
+            `InvalidDomain`.
+    """
+    original = _check_input(text, InvalidAddress)
+    text = original.strip()
+    if text in ("", "<>"):
+        if not allow_null:
+            raise _address_error(original, "null_path", "the null path <> is not allowed here")
+        return Address(local_part="", domain=None, original=original)
+    if text.startswith("<"):
+        if not text.endswith(">") or len(text) < 2:
+            raise _address_error(text, "unbalanced_brackets", "'<' without a closing '>'", 0)
+        path = text
+        inner = text[1:-1]
+        base = 1
+    else:
+        if text.endswith(">"):
+            raise _address_error(text, "unbalanced_brackets", "'>' without an opening '<'", len(text) - 1)
+        path = f"<{text}>"
+        inner = text
+        base = 0
+    if _octets(path) > _MAX_PATH_OCTETS:
+        raise _address_error(
+            text, "path_too_long", f"path of {_octets(path)} octets exceeds {_MAX_PATH_OCTETS}"
+        )
+    start = 0
+    if inner.startswith("@"):
+        colon = inner.find(":")
+        if colon < 0 or not base:
+            raise _address_error(
+                text, "bad_source_route", "a source route must be '<@domain,...:mailbox>'", base
+            )
+        for hop in inner[:colon].split(","):
+            if not hop.startswith("@"):
+                raise _address_error(text, "bad_source_route", f"route hop {hop!r} lacks '@'", base)
+            try:
+                normalize_domain(hop[1:])
+            except InvalidDomain as exc:
+                raise _address_error(
+                    text, "bad_source_route", f"route hop {hop!r}: {exc.detail}", base
+                ) from exc
+        start = colon + 1
+    at = _scan_local_part(text, base + start, base + len(inner)) - base
+    local_part = inner[start:at]
+    if _octets(local_part) > _MAX_LOCAL_OCTETS:
+        raise _address_error(
+            text,
+            "local_part_too_long",
+            f"local part of {_octets(local_part)} octets exceeds {_MAX_LOCAL_OCTETS}",
+            base + start,
+        )
+    domain_text = inner[at + 1 :]
+    if domain_text.startswith("["):
+        if not domain_text.endswith("]"):
+            raise _address_error(text, "bad_literal", "'[' without a closing ']'", base + at + 1)
+        literal = _parse_literal(text, domain_text[1:-1], base + at + 1)
+        return Address(local_part=local_part, domain=None, literal=literal, original=original)
+    try:
+        domain = normalize_domain(domain_text)
+    except InvalidDomain as exc:
+        position = base + at + 1 + exc.position if exc.position is not None else base + at + 1
+        raise _address_error(text, "bad_domain", exc.detail, position) from exc
+    return Address(local_part=local_part, domain=domain, original=original)
