@@ -109,7 +109,7 @@ class InvalidReply(DomainPolicyError, ValueError):
 
 
 class InvalidSnapshot(DomainPolicyError, ValueError):
-    """A matcher snapshot file is corrupt, truncated, of an unknown version or fails its checksum."""
+    """A matcher snapshot file is corrupt, truncated, of unknown version or fails its checksum."""
 
 
 class StoreUnavailable(DomainPolicyError, OSError):

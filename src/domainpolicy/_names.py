@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import re
+import threading
 import unicodedata
 from typing import Final, NewType
 
@@ -289,7 +291,31 @@ def _normalize_uncached(text: str) -> str:
     return _unicode_path(text.translate(_IDEOGRAPHIC_DOTS))
 
 
-_normalize_cached = functools.lru_cache(maxsize=_CACHE_SIZE)(_normalize_uncached)
+_results: dict[str, NormalizedDomain] = {}
+_results_get = _results.get
+_results_lock = threading.Lock()
+
+
+def _normalize_miss(text: object) -> NormalizedDomain:
+    """Validate, normalise and remember *text* (the path taken when the cache misses)."""
+    checked = _check_input(text, InvalidDomain)
+    result = NormalizedDomain(_normalize_uncached(checked))
+    with _results_lock:
+        if len(_results) >= _CACHE_SIZE:
+            # Evict the oldest quarter: dicts keep insertion order, so this is FIFO, O(1)
+            # amortised, and keeps the hit path a single dict lookup.
+            for key in list(itertools.islice(_results, _CACHE_SIZE // 4)):
+                del _results[key]
+        _results[checked] = result
+    return result
+
+
+def clear_cache() -> None:
+    """Forget every cached normalisation (whole names and the per-label IDNA caches)."""
+    with _results_lock:
+        _results.clear()
+    _alabel_for.cache_clear()
+    _ulabel_for.cache_clear()
 
 
 def normalize_domain(text: str, *, allow_single_label: bool = False) -> NormalizedDomain:
@@ -298,8 +324,10 @@ def normalize_domain(text: str, *, allow_single_label: bool = False) -> Normaliz
     UTS #46 nontransitional mapping with STD3 rules and IDNA 2008 validation (``faß.de`` gives
     ``xn--fa-hia.de``), lower case, one trailing dot removed, U+3002, U+FF0E and U+FF61 accepted
     as dots, labels of 1 to 63 octets, names of at most 253 octets, no empty labels, ``xn--``
-    labels checked to be genuine A-labels, a top-level label that is not all digits.  Results
-    are cached (bounded LRU, thread-safe).
+    labels checked to be genuine A-labels, a top-level label that is not all digits.
+
+    Results are cached: a bounded map of whole names (FIFO eviction, 65536 entries) in front
+    of bounded LRU caches of per-label IDNA conversions.  Thread-safe.
 
     Args:
         text: the domain as received, in any Unicode or ASCII spelling.
@@ -309,13 +337,17 @@ def normalize_domain(text: str, *, allow_single_label: bool = False) -> Normaliz
         InvalidDomain: *text* is not a valid domain; ``reason`` names the rule broken
             (see `InvalidDomain` for the codes) and ``position`` the offending offset when known.
     """
-    text = _check_input(text, InvalidDomain)
-    result = _normalize_cached(text)
-    if not allow_single_label and "." not in result:
+    try:
+        result = _results_get(text)
+    except TypeError:  # unhashable: not a str; _normalize_miss says so
+        result = None
+    if result is None:
+        result = _normalize_miss(text)
+    if "." not in result and not allow_single_label:
         raise _domain_error(
             text, "single_label", f"{result!r} has a single label; a dot-separated name is required"
         )
-    return NormalizedDomain(result)
+    return result
 
 
 def domain_to_unicode(domain: str, *, allow_single_label: bool = False) -> str:
@@ -328,8 +360,7 @@ def domain_to_unicode(domain: str, *, allow_single_label: bool = False) -> str:
     if "xn--" not in normalized:
         return normalized
     return ".".join(
-        _ulabel_for(label) if label.startswith("xn--") else label
-        for label in normalized.split(".")
+        _ulabel_for(label) if label.startswith("xn--") else label for label in normalized.split(".")
     )
 
 
@@ -405,7 +436,9 @@ class Address:
         return self.mailbox
 
 
-def _address_error(text: str, reason: str, detail: str, position: int | None = None) -> InvalidAddress:
+def _address_error(
+    text: str, reason: str, detail: str, position: int | None = None
+) -> InvalidAddress:
     return InvalidAddress(text, reason, detail, position)
 
 
@@ -418,7 +451,10 @@ def _scan_local_part(text: str, start: int, end: int) -> int:
             if char == "\\":
                 if i + 1 >= end or not (32 <= ord(text[i + 1]) <= 126):
                     raise _address_error(
-                        text, "bad_quoted_string", "backslash must quote a printable ASCII character", i
+                        text,
+                        "bad_quoted_string",
+                        "backslash must quote a printable ASCII character",
+                        i,
                     )
                 i += 2
             elif char == '"':
@@ -472,12 +508,16 @@ def _parse_literal(text: str, inner: str, position: int) -> str:
         try:
             return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
         except ValueError as exc:
-            raise _address_error(text, "bad_literal", f"bad IPv6 address literal: {exc}", position) from exc
+            raise _address_error(
+                text, "bad_literal", f"bad IPv6 address literal: {exc}", position
+            ) from exc
     if inner[:1].isdigit():
         try:
             return f"[{ipaddress.IPv4Address(inner)}]"
         except ValueError as exc:
-            raise _address_error(text, "bad_literal", f"bad IPv4 address literal: {exc}", position) from exc
+            raise _address_error(
+                text, "bad_literal", f"bad IPv4 address literal: {exc}", position
+            ) from exc
     tag, colon, content = inner.partition(":")
     if (
         colon
@@ -489,7 +529,10 @@ def _parse_literal(text: str, inner: str, position: int) -> str:
     ):
         return f"[{inner}]"
     raise _address_error(
-        text, "bad_literal", "expected [IPv4], [IPv6:...] or [tag:content] address literal", position
+        text,
+        "bad_literal",
+        "expected [IPv4], [IPv6:...] or [tag:content] address literal",
+        position,
     )
 
 
@@ -527,7 +570,9 @@ def parse_address(text: str, *, allow_null: bool = True) -> Address:
         base = 1
     else:
         if text.endswith(">"):
-            raise _address_error(text, "unbalanced_brackets", "'>' without an opening '<'", len(text) - 1)
+            raise _address_error(
+                text, "unbalanced_brackets", "'>' without an opening '<'", len(text) - 1
+            )
         path = f"<{text}>"
         inner = text
         base = 0

@@ -77,9 +77,9 @@ class PublicSuffixes:
         Raises:
             InvalidDomain: *domain* is not a valid domain.
         """
-        return NormalizedDomain(
-            self._psl.publicsuffix(normalize_domain(domain, allow_single_label=True))
-        )
+        key = normalize_domain(domain, allow_single_label=True)
+        # accept_unknown=True: every valid name has a public suffix (at worst its last label).
+        return NormalizedDomain(self._psl.publicsuffix(key) or key.rpartition(".")[2])
 
 
 _lock = threading.Lock()

@@ -26,7 +26,9 @@ __all__ = ["addresses", "ascii_labels", "domains", "hostile_text", "idn_labels",
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _LDH_INNER = _LETTERS + "0123456789-"
 # Lower-case letters that are PVALID in IDNA 2008, left-to-right, and need no context rule.
-_IDN_LETTERS = "àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿßāăąćčďđēėęěğīįıķłńňōőœřśşšťūůűųźżžпримерфоыйжкдвгбясьхцюэ"
+_IDN_LETTERS = (
+    "àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿßāăąćčďđēėęěğīįıķłńňōőœřśşšťūůűųźżžпримерфоыйжкдвгбясьхцюэ"
+)
 _JAPANESE = "ドメインテスト日本語例会社東京メール"
 _ATEXT_SPECIALS = "!#$%&'*+-/=?^_`{|}~"
 
@@ -92,7 +94,9 @@ def local_parts(draw: st.DrawFn, *, utf8: bool = True) -> str:
     alphabet = _LETTERS + _LETTERS.upper() + "0123456789" + _ATEXT_SPECIALS
     if utf8:
         alphabet += "éüßñ日本"
-    atoms = draw(st.lists(st.text(alphabet=alphabet, min_size=1, max_size=10), min_size=1, max_size=3))
+    atoms = draw(
+        st.lists(st.text(alphabet=alphabet, min_size=1, max_size=10), min_size=1, max_size=3)
+    )
     if draw(st.integers(0, 4)) == 0:
         inner = draw(st.text(alphabet=alphabet + " @.,:;<>()[]", min_size=0, max_size=20))
         inner = inner.replace("\\", "\\\\").replace('"', '\\"')
@@ -160,6 +164,6 @@ def hostile_text(*, max_size: int = 4000) -> st.SearchStrategy[str]:
         domains(spellings=True),
         st.text(alphabet=st.characters(codec="utf-8"), max_size=20),
     )
-    return st.lists(fragment, max_size=8).map("".join).filter(lambda s: len(s) <= max_size) | st.text(
-        max_size=200
-    )
+    return st.lists(fragment, max_size=8).map("".join).filter(
+        lambda s: len(s) <= max_size
+    ) | st.text(max_size=200)
