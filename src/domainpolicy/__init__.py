@@ -7,6 +7,9 @@ private (``domainpolicy._names`` and so on); ``domainpolicy.testing`` (hypothesi
 
 from __future__ import annotations
 
+# --- matcher (issue 3) ---
+from ._connectors import ConnectorTable, InboundConnector
+
 # --- errors (foundation) ---
 from ._errors import (
     DomainPolicyError,
@@ -17,6 +20,15 @@ from ._errors import (
     InvalidSnapshot,
     InvalidTransition,
     StoreUnavailable,
+)
+from ._matcher import (
+    SNAPSHOT_VERSION,
+    AcceptedDomain,
+    DomainMatcher,
+    DomainType,
+    Match,
+    MatchKind,
+    Owner,
 )
 
 # --- names (foundation) ---
@@ -30,13 +42,52 @@ from ._names import (
 )
 from ._psl import PublicSuffixes, default_public_suffixes, is_public_suffix, registrable_domain
 
-# --- matcher (issue 3) ---
-
 # --- block state machine (issue 4) ---
+# isort: split
+from ._blockstate import (
+    STATE_SCHEMA_VERSION,
+    TRANSITIONS,
+    Alert,
+    AlertKind,
+    Attestation,
+    Block,
+    BlockCode,
+    BlockMachine,
+    BlockPolicy,
+    Checklist,
+    ChecklistIncomplete,
+    ConnectorReview,
+    Denial,
+    Edge,
+    Effects,
+    Event,
+    Evidence,
+    InvalidEvent,
+    InvalidTenantState,
+    Limits,
+    State,
+    TenantState,
+    Transition,
+    UnblockRequest,
+    Verdict,
+    Window,
+)
 
 # --- replies and NDRs (issue 5) ---
+# isort: split
+from ._dsn import DsnRecipient, InvalidDsn, build_dsn, dsn_languages
+from ._replies import (
+    MAX_REPLY_LINE_OCTETS,
+    POSTFIX_REJECT_RESERVE,
+    Reply,
+    ReplyCatalog,
+    ReplyCode,
+    sanitize_reply_text,
+)
 
 # --- policy and stores (issue 6) ---
+# isort: split
+from ._stores import AuditRecord, MemoryStore, Mutation, SQLiteStore, StateStore, open_store
 
 __version__ = "0.1.0.dev0"
 
@@ -62,7 +113,58 @@ __all__ = [
     "parse_address",
     "registrable_domain",
     # matcher (issue 3)
+    "ConnectorTable",
+    "InboundConnector",
+    "SNAPSHOT_VERSION",
+    "AcceptedDomain",
+    "DomainMatcher",
+    "DomainType",
+    "Match",
+    "MatchKind",
+    "Owner",
     # block state machine (issue 4)
+    "STATE_SCHEMA_VERSION",
+    "TRANSITIONS",
+    "Alert",
+    "AlertKind",
+    "Attestation",
+    "Block",
+    "BlockCode",
+    "BlockMachine",
+    "BlockPolicy",
+    "Checklist",
+    "ChecklistIncomplete",
+    "ConnectorReview",
+    "Denial",
+    "Edge",
+    "Effects",
+    "Event",
+    "Evidence",
+    "InvalidEvent",
+    "InvalidTenantState",
+    "Limits",
+    "State",
+    "TenantState",
+    "Transition",
+    "UnblockRequest",
+    "Verdict",
+    "Window",
     # replies and NDRs (issue 5)
+    "MAX_REPLY_LINE_OCTETS",
+    "POSTFIX_REJECT_RESERVE",
+    "DsnRecipient",
+    "InvalidDsn",
+    "Reply",
+    "ReplyCatalog",
+    "ReplyCode",
+    "build_dsn",
+    "dsn_languages",
+    "sanitize_reply_text",
     # policy and stores (issue 6)
+    "AuditRecord",
+    "MemoryStore",
+    "Mutation",
+    "SQLiteStore",
+    "StateStore",
+    "open_store",
 ]

@@ -21,7 +21,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "domainpolicy.testing needs hypothesis: pip install 'domainpolicy[hypothesis]'"
     ) from exc
 
-__all__ = ["addresses", "ascii_labels", "domains", "hostile_text", "idn_labels", "local_parts"]
+__all__ = [
+    "addresses",
+    "ascii_labels",
+    "domains",
+    "hostile_text",
+    "idn_labels",
+    "local_parts",
+    "replies",
+    "reply_texts",
+]
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _LDH_INNER = _LETTERS + "0123456789-"
@@ -167,3 +176,113 @@ def hostile_text(*, max_size: int = 4000) -> st.SearchStrategy[str]:
     return st.lists(fragment, max_size=8).map("".join).filter(
         lambda s: len(s) <= max_size
     ) | st.text(max_size=200)
+
+
+# --- replies (issue 5) ---
+
+from domainpolicy._replies import Reply  # noqa: E402
+
+_REPLY_NASTY = [
+    "\r\n",
+    "\r",
+    "\n",
+    "\x00",
+    "\r\n250 OK\r\n",
+    "\r\n.\r\n",
+    "\t",
+    "\x7f",
+    "\x85",
+    "\u2028",
+    "\ud800",
+    "日本語",
+    "é",
+    " " * 600,
+    "x" * 600,
+    "550-",
+    "5.7.750 ",
+]
+
+
+def reply_texts(*, max_size: int = 1500) -> st.SearchStrategy[str]:
+    """Text a caller might put in an SMTP reply: printable words, long words, CR/LF injection
+    attempts, NUL and other controls, non-ASCII and fake reply prefixes."""
+    fragment = st.one_of(
+        st.sampled_from(_REPLY_NASTY),
+        st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40),
+        st.text(max_size=20),
+    )
+    return st.lists(fragment, max_size=12).map("".join).filter(lambda s: len(s) <= max_size)
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> Reply:
+    """A valid `domainpolicy.Reply` with random code, status and (possibly long) text lines."""
+    first = draw(st.sampled_from("245"))
+    code = int(first + str(draw(st.integers(0, 5))) + str(draw(st.integers(0, 9))))
+    number = st.integers(0, 999).map(str)
+    status = f"{first}.{draw(number)}.{draw(number)}"
+    printable = st.text(
+        alphabet=st.characters(min_codepoint=32, max_codepoint=126) | st.just("\t"), max_size=700
+    )
+    return Reply(code, status, draw(st.lists(printable, min_size=1, max_size=4)))
+
+
+# --------------------------------------------------------------------------- matcher (issue 3)
+
+_MATCHER_ROOTS = ["example.com", "contoso.co.uk", "bücher.de", "xn--mnchen-3ya.de", "fabrikam.jp"]
+_MATCHER_LABELS = ["a", "b", "mail", "sales", "ü", "日本"]
+
+
+@st.composite
+def accepted_domain_sets(draw: st.DrawFn, *, max_size: int = 12) -> list[object]:
+    """A conflict-free list of ``AcceptedDomain`` entries that `DomainMatcher.compile` accepts.
+
+    Names are drawn from a small pool so entries nest (``a.example.com`` under ``example.com``)
+    and overlap; exact, ``match_subdomains`` and wildcard forms, U-label and A-label spellings,
+    and three tenants are mixed.  (Typed ``list[object]`` to keep this module importable without
+    the matcher; the elements are ``AcceptedDomain``.)
+    """
+    from domainpolicy._matcher import AcceptedDomain, DomainType
+    from domainpolicy._names import normalize_domain
+
+    count = draw(st.integers(min_value=0, max_value=max_size))
+    taken: set[tuple[str, str]] = set()
+    out: list[object] = []
+    for _ in range(count):
+        subs = draw(st.lists(st.sampled_from(_MATCHER_LABELS), max_size=2))
+        base = ".".join([*subs, draw(st.sampled_from(_MATCHER_ROOTS))])
+        form = draw(st.sampled_from(["exact", "subdomains", "wildcard"]))
+        key = normalize_domain(base)
+        slots = {"exact": ["apex"], "subdomains": ["apex", "below"], "wildcard": ["below"]}[form]
+        if any((key, slot) in taken for slot in slots):
+            continue
+        taken.update((key, slot) for slot in slots)
+        spelled = base.upper() if draw(st.booleans()) else base
+        out.append(
+            AcceptedDomain(
+                domain=f"*.{spelled}" if form == "wildcard" else spelled,
+                tenant=draw(st.sampled_from(["t1", "t2", "t3"])),
+                domain_type=draw(st.sampled_from(list(DomainType))),
+                match_subdomains=form == "subdomains",
+            )
+        )
+    return out
+
+
+@st.composite
+def matcher_queries(draw: st.DrawFn) -> str:
+    """A query for a matcher built from `accepted_domain_sets`: names in and around its pool
+    (subdomains, parents, near misses such as ``evilexample.com``) and arbitrary domains."""
+    kind = draw(st.integers(min_value=0, max_value=3))
+    if kind == 0:
+        return draw(domains(spellings=True))
+    labels = draw(st.lists(st.sampled_from([*_MATCHER_LABELS, "x", "evil"]), max_size=3))
+    root = draw(st.sampled_from([*_MATCHER_ROOTS, "com", "co.uk", "de"]))
+    name = ".".join([*labels, root])
+    if kind == 2:
+        name = "evil" + name
+    if draw(st.booleans()):
+        name = name.upper()
+    if draw(st.booleans()):
+        name += "."
+    return name

@@ -1,0 +1,391 @@
+"""Configuration from a TOML file: tenants, accepted domains, connectors, thresholds, replies, store.
+
+Every problem is collected and reported at once, each with where it is: the file and key
+(``tenants.contoso.domains[2]``) or the file and line of a domains file.  See
+``docs/policy.md`` for the format; ``examples/tenants.toml`` is a complete example.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from ._blockstate import BlockPolicy
+from ._connectors import ConnectorTable, InboundConnector
+from ._errors import InvalidConfiguration, shown
+from ._matcher import AcceptedDomain, DomainMatcher, DomainType
+from ._policy import RelayPolicy
+from ._replies import ReplyCatalog
+from ._stores import StateStore, open_store
+
+__all__ = ["PolicyConfig", "load_config", "parse_domains_file"]
+
+_TOP_KEYS: Final = frozenset(
+    {"store", "policy", "relay", "replies", "tenants", "connectors", "domains_file"}
+)
+_TENANT_KEYS: Final = frozenset({"domains", "domains_file"})
+_DOMAIN_KEYS: Final = frozenset({"domain", "match_subdomains", "type"})
+_CONNECTOR_KEYS: Final = frozenset(
+    {"name", "tenant", "sender_ip_ranges", "tls_cert_names", "created_at", "enabled"}
+)
+_RELAY_KEYS: Final = frozenset({"null_sender", "count", "fail_open"})
+_TYPES: Final = {t.value: t for t in DomainType} | {t.name.lower(): t for t in DomainType}
+_MAX_DOMAINS_LINE: Final = 4096
+
+
+@attrs.frozen
+class PolicyConfig:
+    """A checked configuration, ready to build a `RelayPolicy` from.
+
+    Attributes:
+        source: the file it came from.
+        matcher: the compiled accepted domains.
+        connectors: the compiled connector table.
+        connector_list: the connectors as configured.
+        block_policy: thresholds.
+        replies: reply texts.
+        store_url: where state lives (``sqlite:...`` by default, next to the file).
+        relay: options for `RelayPolicy` (``null_sender``, ``count``, ``fail_open``).
+    """
+
+    source: str
+    matcher: DomainMatcher
+    connectors: ConnectorTable
+    connector_list: tuple[InboundConnector, ...]
+    block_policy: BlockPolicy
+    replies: ReplyCatalog
+    store_url: str
+    relay: Mapping[str, Any] = attrs.field(factory=dict)
+
+    def open_store(self) -> StateStore:
+        """Open the configured store.
+
+        Raises:
+            InvalidConfiguration: the store URL is not usable.
+            StoreUnavailable: the store cannot be opened.
+        """
+        return open_store(self.store_url)
+
+    def build_policy(
+        self, *, store: StateStore | None = None, clock: Callable[[], float] | None = None
+    ) -> RelayPolicy:
+        """A `RelayPolicy` with this configuration (and *store*, or the configured one).
+
+        Raises:
+            InvalidConfiguration: the relay options are invalid.
+            StoreUnavailable: the configured store cannot be opened.
+        """
+        return RelayPolicy(
+            self.matcher,
+            self.connectors,
+            self.block_policy,
+            store if store is not None else self.open_store(),
+            replies=self.replies,
+            clock=clock,
+            **self.relay,
+        )
+
+
+class _Problems:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _domain_entry(
+    value: object, tenant: str, where: str, problems: _Problems
+) -> AcceptedDomain | None:
+    if isinstance(value, str):
+        return AcceptedDomain(value, tenant)
+    if not isinstance(value, Mapping):
+        problems.add(where, f"{shown(value)} must be a domain string or a table")
+        return None
+    unknown = sorted(set(value) - _DOMAIN_KEYS)
+    if unknown:
+        problems.add(where, f"unknown keys {unknown} (expected {sorted(_DOMAIN_KEYS)})")
+    domain = value.get("domain")
+    if not isinstance(domain, str):
+        problems.add(where, "'domain' must be a string")
+        return None
+    subdomains = value.get("match_subdomains", False)
+    if not isinstance(subdomains, bool):
+        problems.add(where, "'match_subdomains' must be true or false")
+        return None
+    kind = _TYPES.get(str(value.get("type", "authoritative")).lower())
+    if kind is None:
+        problems.add(where, f"'type' must be one of {sorted(t.value for t in DomainType)}")
+        return None
+    return AcceptedDomain(domain, tenant, kind, subdomains)
+
+
+def parse_domains_file(
+    path: str | os.PathLike[str], *, tenant: str | None = None
+) -> Iterator[tuple[int, AcceptedDomain | str]]:
+    """Read a large accepted-domains file: one ``domain<TAB>tenant<TAB>flags`` per line.
+
+    Yields ``(line_number, entry)``, or ``(line_number, problem)`` for a bad line.  Blank lines
+    and ``#`` comments are skipped.  The tenant column may be omitted when *tenant* is given.
+    Flags (comma-separated, optional): ``subdomains``, and one of ``authoritative``,
+    ``internal_relay``, ``external_relay``.
+
+    Raises:
+        InvalidConfiguration: the file cannot be read.
+    """
+    name = os.fspath(path)
+    try:
+        handle = open(name, encoding="utf-8")
+    except OSError as exc:
+        raise InvalidConfiguration([f"cannot read domains file {name!r}: {exc}"]) from exc
+    with handle:
+        try:
+            for number, raw in enumerate(handle, 1):
+                line = raw.rstrip("\r\n")
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                if len(line) > _MAX_DOMAINS_LINE:
+                    yield number, f"line of {len(line)} characters is too long"
+                    continue
+                fields = line.split("\t")
+                domain = fields[0].strip()
+                owner = fields[1].strip() if len(fields) > 1 and fields[1].strip() else tenant
+                if owner is None:
+                    yield number, f"{domain!r} has no tenant column"
+                    continue
+                flags = {f.strip().lower() for f in fields[2].split(",")} if len(fields) > 2 else set()
+                flags.discard("")
+                kinds = [_TYPES[f] for f in flags if f in _TYPES]
+                unknown = sorted(f for f in flags if f not in _TYPES and f != "subdomains")
+                if unknown or len(kinds) > 1 or len(fields) > 3:
+                    yield number, f"bad flags {fields[2:]!r} (expected subdomains and one type)"
+                    continue
+                yield number, AcceptedDomain(
+                    domain,
+                    owner,
+                    kinds[0] if kinds else DomainType.AUTHORITATIVE,
+                    "subdomains" in flags,
+                )
+        except UnicodeDecodeError as exc:
+            raise InvalidConfiguration([f"domains file {name!r} is not UTF-8: {exc}"]) from exc
+
+
+def _datetime(value: object) -> datetime.datetime | None:
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, datetime.date):
+        return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC)
+    if isinstance(value, str):
+        parsed = datetime.datetime.fromisoformat(value)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+    raise ValueError(f"{shown(value)} is not a date-time")
+
+
+def _connector(value: object, where: str, problems: _Problems) -> InboundConnector | None:
+    if not isinstance(value, Mapping):
+        problems.add(where, f"{shown(value)} must be a table")
+        return None
+    unknown = sorted(set(value) - _CONNECTOR_KEYS)
+    if unknown:
+        problems.add(where, f"unknown keys {unknown} (expected {sorted(_CONNECTOR_KEYS)})")
+    name, tenant = value.get("name"), value.get("tenant")
+    if not isinstance(name, str) or not name or not isinstance(tenant, str) or not tenant:
+        problems.add(where, "'name' and 'tenant' must be non-empty strings")
+        return None
+    ranges = value.get("sender_ip_ranges", [])
+    names = value.get("tls_cert_names", [])
+    if not isinstance(ranges, list) or not isinstance(names, list):
+        problems.add(where, "'sender_ip_ranges' and 'tls_cert_names' must be arrays")
+        return None
+    networks = []
+    for index, text in enumerate(ranges):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=True))
+        except (ValueError, TypeError) as exc:
+            problems.add(f"{where}.sender_ip_ranges[{index}]", f"{shown(text)}: {exc}")
+    try:
+        created = _datetime(value["created_at"]) if "created_at" in value else None
+    except ValueError as exc:
+        problems.add(f"{where}.created_at", str(exc))
+        created = None
+    enabled = value.get("enabled", True)
+    if not isinstance(enabled, bool):
+        problems.add(f"{where}.enabled", "must be true or false")
+        enabled = True
+    return InboundConnector(
+        name=name,
+        tenant=tenant,
+        sender_ip_ranges=tuple(networks),
+        tls_cert_names=tuple(str(n) for n in names),
+        created_at=created,
+        enabled=enabled,
+    )
+
+
+_ENTRY_RE: Final = re.compile(r"^entry #(\d+) ")
+
+
+def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
+    """Read and check a TOML configuration file.
+
+    Raises:
+        InvalidConfiguration: listing every problem with its file and key or line.
+    """
+    source = os.fspath(path)
+    base = Path(source).resolve().parent
+    try:
+        with open(source, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise InvalidConfiguration([f"cannot read {source!r}: {exc}"], source=source) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidConfiguration([f"not valid TOML: {exc}"], source=source) from exc
+    problems = _Problems(source)
+    for key in sorted(set(data) - _TOP_KEYS):
+        problems.add(key, f"unknown key (expected one of {sorted(_TOP_KEYS)})")
+
+    # accepted domains, each with where it came from
+    entries: list[AcceptedDomain] = []
+    origins: list[str] = []
+
+    def add_file(file_value: object, where: str, tenant: str | None) -> None:
+        if not isinstance(file_value, str):
+            problems.add(where, "must be a file path string")
+            return
+        file_path = (base / file_value) if not os.path.isabs(file_value) else Path(file_value)
+        try:
+            for number, item in parse_domains_file(file_path, tenant=tenant):
+                if isinstance(item, str):
+                    problems.add(f"{file_path}:{number}", item)
+                else:
+                    entries.append(item)
+                    origins.append(f"{file_path}:{number}")
+        except InvalidConfiguration as exc:
+            problems.add(where, "; ".join(exc.problems))
+
+    tenants = data.get("tenants", {})
+    if not isinstance(tenants, Mapping):
+        problems.add("tenants", "must be a table of tenants")
+        tenants = {}
+    for tenant, table in tenants.items():
+        where = f"tenants.{tenant}"
+        if not isinstance(table, Mapping):
+            problems.add(where, "must be a table")
+            continue
+        for key in sorted(set(table) - _TENANT_KEYS):
+            problems.add(f"{where}.{key}", f"unknown key (expected {sorted(_TENANT_KEYS)})")
+        domains = table.get("domains", [])
+        if not isinstance(domains, list):
+            problems.add(f"{where}.domains", "must be an array")
+            domains = []
+        for index, value in enumerate(domains):
+            entry = _domain_entry(value, tenant, f"{where}.domains[{index}]", problems)
+            if entry is not None:
+                entries.append(entry)
+                origins.append(f"{where}.domains[{index}]")
+        if "domains_file" in table:
+            add_file(table["domains_file"], f"{where}.domains_file", tenant)
+    if "domains_file" in data:
+        add_file(data["domains_file"], "domains_file", None)
+
+    matcher: DomainMatcher | None = None
+    try:
+        matcher = DomainMatcher.compile(entries)
+    except InvalidConfiguration as exc:
+        for problem in exc.problems:
+            found = _ENTRY_RE.match(problem)
+            if found and int(found.group(1)) < len(origins):
+                problems.add(origins[int(found.group(1))], problem[found.end() :])
+            else:
+                problems.add("accepted domains", problem)
+
+    connectors: list[InboundConnector] = []
+    raw_connectors = data.get("connectors", [])
+    if not isinstance(raw_connectors, list):
+        problems.add("connectors", "must be an array of tables ([[connectors]])")
+        raw_connectors = []
+    for index, value in enumerate(raw_connectors):
+        connector = _connector(value, f"connectors[{index}]", problems)
+        if connector is not None:
+            connectors.append(connector)
+    table: ConnectorTable | None = None
+    if matcher is not None:
+        try:
+            table = ConnectorTable.compile(connectors, matcher)
+        except InvalidConfiguration as exc:
+            for problem in exc.problems:
+                problems.add("connectors", problem)
+
+    policy_data = data.get("policy", {})
+    block_policy: BlockPolicy | None = None
+    if not isinstance(policy_data, Mapping):
+        problems.add("policy", "must be a table")
+    else:
+        known = {f.name for f in attrs.fields(BlockPolicy)}
+        for key in sorted(set(policy_data) - known):
+            problems.add(f"policy.{key}", f"unknown threshold (expected one of {sorted(known)})")
+        try:
+            block_policy = BlockPolicy(**{k: v for k, v in policy_data.items() if k in known})
+        except InvalidConfiguration as exc:
+            for problem in exc.problems:
+                problems.add("policy", problem)
+        except TypeError as exc:
+            problems.add("policy", str(exc))
+
+    relay = data.get("relay", {})
+    if not isinstance(relay, Mapping):
+        problems.add("relay", "must be a table")
+        relay = {}
+    for key in sorted(set(relay) - _RELAY_KEYS):
+        problems.add(f"relay.{key}", f"unknown option (expected one of {sorted(_RELAY_KEYS)})")
+    checks = {
+        "null_sender": ("accept", "refuse"),
+        "count": ("messages", "recipients"),
+        "fail_open": (True, False),
+    }
+    for key, allowed in checks.items():
+        if key in relay and relay[key] not in allowed:
+            problems.add(f"relay.{key}", f"{relay[key]!r} is not one of {list(allowed)}")
+
+    replies = ReplyCatalog()
+    try:
+        replies = ReplyCatalog.from_mapping(data.get("replies", {}), source=source)
+    except InvalidConfiguration as exc:
+        for problem in exc.problems:
+            problems.add("replies", problem)
+
+    store = data.get("store", {})
+    store_url = f"sqlite:{base / 'domainpolicy.sqlite3'}"
+    if not isinstance(store, Mapping) or sorted(set(store) - {"url"}):
+        problems.add("store", "must be a table with one key, url")
+    elif "url" in store:
+        url = store["url"]
+        if not isinstance(url, str):
+            problems.add("store.url", "must be a string")
+        elif url.startswith("sqlite:") and not url.startswith("sqlite:///"):
+            relative = url[len("sqlite:") :].removeprefix("//")
+            store_url = f"sqlite:{base / relative}"
+        else:
+            store_url = url
+
+    if problems.items or matcher is None or table is None or block_policy is None:
+        raise InvalidConfiguration(problems.items or ["configuration is incomplete"], source=source)
+    return PolicyConfig(
+        source=source,
+        matcher=matcher,
+        connectors=table,
+        connector_list=tuple(connectors),
+        block_policy=block_policy,
+        replies=replies,
+        store_url=store_url,
+        relay=dict(relay),
+    )

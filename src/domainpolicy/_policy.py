@@ -1,0 +1,655 @@
+"""The relay policy facade: the one call an MTA makes per message, and the admin operations.
+
+`RelayPolicy.evaluate` takes a `RelayRequest` (what the MTA knows about a message) and returns a
+`Decision` (accept, refuse or temporary failure, with the SMTP `Reply` to give).  The steps, in
+order:
+
+1. **Attribute the tenant**: an inbound connector matching the client IP or TLS certificate name
+   (`ConnectorTable.attribute`), else the tenant whose accepted domain the sender's domain is
+   (`DomainMatcher`).  Nobody: ``550 5.7.64 TenantAttribution; Relay Access Denied``.
+2. **Check the sender**: an envelope sender that is not a valid path gets
+   ``501 5.1.7 Bad sender address syntax``.  The null sender ``<>`` is accepted uncounted by default
+   (bounces are legitimate relayed mail; ``null_sender="refuse"`` refuses it when no connector
+   attributes it).  A sender with an address literal (``user@[192.0.2.1]``) has no domain to
+   register, so it cannot be attributed by domain and is refused with 5.7.64.
+3. **Accepted domain or not**: the sender's domain is *registered* when the matcher says the
+   attributed tenant accepts it; everything else is *unregistered* relay.
+4. **Count and decide**: the store applies the observation to the tenant's block state
+   atomically (`StateStore.observe`): registered mail is accepted unless the tenant is
+   SUSPENDED (``550 5.7.705``); unregistered mail is accepted while within the limits and
+   refused with ``550 5.7.750`` once the tenant is blocked.  The crossing message itself is
+   refused.
+5. **Fail safe**: when the store fails, the decision is a temporary failure
+   (``451 4.3.0``), never an exception and never a silent accept -- unless the operator chose
+   ``fail_open=True``, which accepts uncounted and says so in the decision.
+
+Everything the policy returns is a typed value; replies are rendered to text only at the edge
+(the Postfix server, the aiosmtpd handler, the command line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, Literal
+
+import attrs
+
+from ._blockstate import (
+    Alert,
+    BlockMachine,
+    BlockPolicy,
+    Checklist,
+    Effects,
+    State,
+    TenantState,
+    Verdict,
+)
+from ._connectors import ConnectorTable, InboundConnector
+from ._errors import DomainPolicyError, InvalidAddress, InvalidConfiguration, shown
+from ._matcher import AcceptedDomain, DomainMatcher, DomainType
+from ._names import NormalizedDomain, parse_address
+from ._psl import PublicSuffixes, default_public_suffixes
+from ._replies import Reply, ReplyCatalog, ReplyCode
+from ._stores import AuditRecord, MemoryStore, StateStore
+
+__all__ = [
+    "ACCEPTED_REPLY",
+    "Decision",
+    "Outcome",
+    "RelayPolicy",
+    "RelayRequest",
+    "TenantStatus",
+]
+
+log = logging.getLogger("domainpolicy.policy")
+
+ACCEPTED_REPLY: Final = Reply(250, "2.1.0", "Sender OK")
+"""The reply of an accepted decision (MTAs usually just carry on: Postfix ``DUNNO``)."""
+
+
+class Outcome(enum.Enum):
+    """What the MTA should do with the message."""
+
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+    """Permanent refusal (5xx)."""
+    TEMPFAIL = "tempfail"
+    """Temporary failure (4xx): the sending server should retry later."""
+
+
+def _recipients(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@attrs.frozen
+class RelayRequest:
+    """What an MTA knows about one relayed message.
+
+    Attributes:
+        sender: the envelope sender (``MAIL FROM``) as received; ``""`` or ``"<>"`` is the
+            null sender.
+        client_ip: the connecting client's IP address (text or `ipaddress` value), if known.
+        tls_cert_name: the verified TLS client certificate name (CN/SAN), if any.
+        sasl_user: the authenticated SASL user name, if any (logged, not used to attribute).
+        recipients: envelope recipients (``RCPT TO``), used as the weight when counting
+            recipients.
+        header_from: the ``From:`` header, if known (logged only).
+        message_id: an id of the message for logs (Postfix ``instance`` or queue id).
+    """
+
+    sender: str
+    client_ip: str | None = None
+    tls_cert_name: str | None = None
+    sasl_user: str | None = None
+    recipients: tuple[str, ...] = attrs.field(default=(), converter=_recipients)
+    header_from: str | None = None
+    message_id: str | None = None
+
+
+@attrs.frozen
+class Decision:
+    """The policy's answer for one message.
+
+    Attributes:
+        outcome: accept, refuse or temporary failure.
+        reply: the SMTP reply to give (`ACCEPTED_REPLY` when accepted).
+        reason: a stable machine-readable reason: ``accepted_domain``, ``unregistered_allowed``,
+            ``null_sender``, ``blocked``, ``suspended``, ``no_tenant``, ``bad_sender``,
+            ``address_literal``, ``store_unavailable`` or ``store_unavailable_fail_open``.
+        tenant: the tenant the message was attributed to, or None.
+        sender_domain: the sender's normalised domain, or None (null sender, literal, invalid).
+        registered: whether the sender domain is one of the tenant's accepted domains (None when
+            there was no domain to check).
+        counted: whether the message was counted in the tenant's window.
+        effects: what the block-state machine produced (transitions, alerts).
+    """
+
+    outcome: Outcome
+    reply: Reply
+    reason: str
+    tenant: str | None = None
+    sender_domain: NormalizedDomain | None = None
+    registered: bool | None = None
+    counted: bool = False
+    effects: Effects = attrs.field(factory=Effects)
+
+    @property
+    def accepted(self) -> bool:
+        """True when the MTA should let the message through."""
+        return self.outcome is Outcome.ACCEPT
+
+
+@attrs.frozen
+class TenantStatus:
+    """Everything an operator wants to see about a tenant.
+
+    Attributes:
+        tenant: the tenant.
+        state: its block state.
+        total: relayed messages in the current window.
+        unregistered: unregistered-domain messages in the current window.
+        distinct_domains: distinct unregistered registrable domains in the window.
+        probation_until: end of probation (epoch seconds), if any.
+        checklist: the remediation checklist while blocked, else None.
+        accepted_domains: the tenant's accepted domains as configured.
+        history: the audit trail, oldest first.
+        raw: the full `TenantState`.
+    """
+
+    tenant: str
+    state: State
+    total: int
+    unregistered: int
+    distinct_domains: int
+    probation_until: float | None
+    checklist: Checklist | None
+    accepted_domains: tuple[AcceptedDomain, ...]
+    history: tuple[AuditRecord, ...]
+    raw: TenantState = attrs.field(repr=False, eq=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe summary (for ``--json`` output and APIs)."""
+        return {
+            "tenant": self.tenant,
+            "state": self.state.value,
+            "total": self.total,
+            "unregistered": self.unregistered,
+            "distinct_domains": self.distinct_domains,
+            "probation_until": self.probation_until,
+            "checklist": None
+            if self.checklist is None
+            else {"complete": self.checklist.complete, "missing": list(self.checklist.missing)},
+            "accepted_domains": [d.domain for d in self.accepted_domains],
+            "history": [r.to_dict() for r in self.history],
+        }
+
+
+_VERDICT_REPLY: Final = {
+    Verdict.REFUSE_UNREGISTERED: (ReplyCode.BLOCKED_UNREGISTERED, "blocked"),
+    Verdict.REFUSE_THRESHOLD: (ReplyCode.TENANT_SUSPENDED, "suspended"),
+}
+
+
+class RelayPolicy:
+    """The relay policy: attribute, check, count, decide.  Thread-safe.
+
+    Args:
+        matcher: the compiled accepted domains of every tenant.
+        connectors: inbound connector attribution (None: attribute by sender domain only).
+        block_policy: thresholds of the block-state machine (default `BlockPolicy()`).
+        store: where tenant state lives (default: a new `MemoryStore`).
+        replies: reply texts with operator and tenant overrides (default `ReplyCatalog()`).
+        clock: returns UTC epoch seconds; default: the store's clock (`StateStore.now`).
+        null_sender: ``"accept"`` (default) lets the null sender through uncounted;
+            ``"refuse"`` refuses it unless a connector attributes it.
+        count: ``"messages"`` (default) counts each message once; ``"recipients"`` counts
+            each envelope recipient.
+        fail_open: when the store fails, accept (uncounted) instead of the default temporary
+            failure.  Only by explicit choice: it lets a compromised tenant through while the
+            store is down.
+        public_suffixes: the Public Suffix List used to find registrable domains.
+        on_alert: called with every `Alert` the machine raises (after the state is stored).
+
+    Raises:
+        InvalidConfiguration: an argument is of the wrong type or an option is unknown.
+    """
+
+    def __init__(
+        self,
+        matcher: DomainMatcher,
+        connectors: ConnectorTable | None = None,
+        block_policy: BlockPolicy | None = None,
+        store: StateStore | None = None,
+        *,
+        replies: ReplyCatalog | None = None,
+        clock: Callable[[], float] | None = None,
+        null_sender: Literal["accept", "refuse"] = "accept",
+        count: Literal["messages", "recipients"] = "messages",
+        fail_open: bool = False,
+        public_suffixes: PublicSuffixes | None = None,
+        on_alert: Callable[[Alert], None] | None = None,
+    ) -> None:
+        problems = []
+        if not isinstance(matcher, DomainMatcher):
+            problems.append(f"matcher={shown(matcher)}: must be a DomainMatcher")
+        if connectors is not None and not isinstance(connectors, ConnectorTable):
+            problems.append(f"connectors={shown(connectors)}: must be a ConnectorTable or None")
+        if block_policy is not None and not isinstance(block_policy, BlockPolicy):
+            problems.append(f"block_policy={shown(block_policy)}: must be a BlockPolicy or None")
+        if store is not None and not isinstance(store, StateStore):
+            problems.append(f"store={shown(store)}: must be a StateStore or None")
+        if null_sender not in ("accept", "refuse"):
+            problems.append(f"null_sender={null_sender!r}: must be 'accept' or 'refuse'")
+        if count not in ("messages", "recipients"):
+            problems.append(f"count={count!r}: must be 'messages' or 'recipients'")
+        if problems:
+            raise InvalidConfiguration(problems, source="RelayPolicy")
+        self._lock = threading.Lock()
+        self._matcher = matcher
+        self._connectors = connectors
+        self.machine = BlockMachine(block_policy or BlockPolicy())
+        self.store: StateStore = store if store is not None else MemoryStore()
+        self.replies = replies or ReplyCatalog()
+        self._clock = clock or self.store.now
+        self.null_sender = null_sender
+        self.count = count
+        self.fail_open = bool(fail_open)
+        self._suffixes = public_suffixes or default_public_suffixes()
+        self._on_alert = on_alert
+        self._reply_cache: dict[tuple[ReplyCode, str | None], Reply] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def matcher(self) -> DomainMatcher:
+        """The accepted-domain matcher in force."""
+        return self._matcher
+
+    @property
+    def connectors(self) -> ConnectorTable | None:
+        """The connector table in force."""
+        return self._connectors
+
+    def reload(
+        self,
+        *,
+        matcher: DomainMatcher | None = None,
+        connectors: ConnectorTable | None = None,
+        replies: ReplyCatalog | None = None,
+    ) -> None:
+        """Swap in new configuration atomically; calls in flight finish with the old one."""
+        with self._lock:
+            if matcher is not None:
+                self._matcher = matcher
+            if connectors is not None:
+                self._connectors = connectors
+            if replies is not None:
+                self.replies = replies
+                self._reply_cache = {}
+
+    def reply(self, code: ReplyCode, tenant: str | None = None) -> Reply:
+        """The reply for *code* as *tenant* sees it (cached; the catalogue is immutable)."""
+        key = (code, tenant)
+        found = self._reply_cache.get(key)
+        if found is None:
+            found = self._reply_cache[key] = self.replies.reply(code, tenant=tenant)
+        return found
+
+    # ------------------------------------------------------------------ the hot path
+
+    def _refuse(
+        self, code: ReplyCode, reason: str, tenant: str | None, **fields: Any
+    ) -> Decision:
+        outcome = Outcome.TEMPFAIL if code.code < 500 else Outcome.REFUSE
+        return Decision(outcome, self.reply(code, tenant), reason, tenant, **fields)
+
+    def evaluate(self, request: RelayRequest) -> Decision:
+        """Decide one relayed message.  Never raises for any request: every failure, including
+        a failing store, becomes a decision (see the module documentation for the steps).
+
+        Raises:
+            Nothing.
+        """
+        try:
+            return self._evaluate(request)
+        except Exception:  # a bug must not take the MTA's policy down: tempfail and log it
+            log.exception("unexpected error evaluating %r", request)
+            return self._refuse(ReplyCode.STORE_UNAVAILABLE, "internal_error", None)
+
+    def _evaluate(self, request: RelayRequest) -> Decision:
+        matcher, connectors = self._matcher, self._connectors
+        tenant: str | None = None
+        if connectors is not None and request.client_ip is not None:
+            try:
+                tenant = connectors.attribute(request.client_ip, request.tls_cert_name)
+            except InvalidAddress:
+                log.warning("ignoring invalid client IP %r", request.client_ip)
+        try:
+            sender = parse_address(request.sender)
+        except InvalidAddress:
+            return self._refuse(ReplyCode.BAD_SENDER, "bad_sender", tenant)
+        domain = sender.domain
+        if domain is None:
+            if sender.literal is not None:
+                return self._refuse(ReplyCode.RELAY_DENIED, "address_literal", tenant)
+            if tenant is None and self.null_sender == "refuse":
+                return self._refuse(ReplyCode.RELAY_DENIED, "no_tenant", None)
+            return Decision(Outcome.ACCEPT, ACCEPTED_REPLY, "null_sender", tenant)
+        owner = matcher.owner_of_normalized(domain)
+        if tenant is None:
+            if owner is None:
+                return self._refuse(ReplyCode.RELAY_DENIED, "no_tenant", None, sender_domain=domain)
+            tenant = owner.tenant
+        registered = owner is not None and owner.tenant == tenant
+        registrable = None if registered else (self._suffixes.registrable(domain) or domain)
+        weight = max(1, len(request.recipients)) if self.count == "recipients" else 1
+        try:
+            _, effects = self.store.observe(
+                self.machine,
+                tenant,
+                self._clock(),
+                registered=registered,
+                registrable=registrable,
+                weight=weight,
+            )
+        except DomainPolicyError as exc:
+            log.error("policy store failed for tenant %r: %s", tenant, exc)
+            if self.fail_open:
+                return Decision(
+                    Outcome.ACCEPT,
+                    ACCEPTED_REPLY,
+                    "store_unavailable_fail_open",
+                    tenant,
+                    domain,
+                    registered,
+                )
+            return self._refuse(
+                ReplyCode.STORE_UNAVAILABLE,
+                "store_unavailable",
+                tenant,
+                sender_domain=domain,
+                registered=registered,
+            )
+        if effects.alerts:
+            self._alert(effects)
+        verdict = effects.decision
+        if verdict is None or verdict.accepted:
+            reason = "accepted_domain" if registered else "unregistered_allowed"
+            return Decision(
+                Outcome.ACCEPT, ACCEPTED_REPLY, reason, tenant, domain, registered, True, effects
+            )
+        code, reason = _VERDICT_REPLY[verdict]
+        return Decision(
+            Outcome.REFUSE,
+            self.reply(code, tenant),
+            reason,
+            tenant,
+            domain,
+            registered,
+            True,
+            effects,
+        )
+
+    def _alert(self, effects: Effects) -> None:
+        for alert in effects.alerts:
+            log.warning("alert %s for tenant %r: %s", alert.kind.value, alert.tenant, alert.message)
+            if self._on_alert is not None:
+                try:
+                    self._on_alert(alert)
+                except Exception:
+                    log.exception("alert callback failed")
+
+    async def evaluate_async(self, request: RelayRequest) -> Decision:
+        """`evaluate` for asyncio MTAs: the same logic, run in a worker thread so that store
+        I/O never blocks the event loop.
+
+        Raises:
+            Nothing.
+        """
+        return await asyncio.to_thread(self.evaluate, request)
+
+    # ------------------------------------------------------------------ admin operations
+
+    def _apply(
+        self,
+        tenant: str,
+        action: str,
+        actor: str | None,
+        detail: Mapping[str, Any],
+        mutation: Callable[[TenantState, float], tuple[TenantState, Effects]],
+    ) -> TenantState:
+        state, effects = self.store.apply(
+            tenant, mutation, self._clock(), action=action, actor=actor, detail=detail
+        )
+        if effects.alerts:
+            self._alert(effects)
+        return state
+
+    def status(self, tenant: str, *, history: int | None = 50) -> TenantStatus:
+        """The tenant's state, counts in the window, checklist and recent history.
+
+        Raises:
+            StoreUnavailable: the store failed.
+        """
+        state = self.store.load(tenant)
+        window = state.window
+        checklist = None if state.block is None else self.machine.checklist(state)
+        return TenantStatus(
+            tenant=tenant,
+            state=state.state,
+            total=window.total,
+            unregistered=window.unregistered,
+            distinct_domains=len(window.domains),
+            probation_until=state.probation_until,
+            checklist=checklist,
+            accepted_domains=self._matcher.domains_of(tenant),
+            history=tuple(self.store.history(tenant, limit=history)),
+            raw=state,
+        )
+
+    def register_domain(
+        self,
+        tenant: str,
+        domain: str,
+        *,
+        by: str,
+        match_subdomains: bool = False,
+        domain_type: DomainType = DomainType.AUTHORITATIVE,
+    ) -> TenantState:
+        """Register an accepted domain: the live matcher accepts it at once (copy-on-write swap)
+        and the tenant's remediation checklist counts it as registered.
+
+        Configuration stays the source of truth for other processes: add the domain there too
+        (a fleet reloads it on SIGHUP).
+
+        Raises:
+            InvalidConfiguration: the matcher refuses the domain (a public suffix, another
+                tenant's domain, over the tenant limit...).
+            InvalidTransition: the state machine refuses the event.
+            StoreUnavailable: the store failed.
+        """
+        entry = AcceptedDomain(domain, tenant, domain_type, match_subdomains)
+        with self._lock:
+            updated = self._matcher.with_changes(add=[entry])
+            state = self._apply(
+                tenant,
+                "register_domain",
+                by,
+                {"domain": domain, "match_subdomains": match_subdomains},
+                lambda s, now: self.machine.register_domain(s, now, domain),
+            )
+            self._matcher = updated
+        return state
+
+    def remove_domain(self, tenant: str, domain: str, *, by: str) -> TenantState:
+        """Remove an accepted domain from the live matcher and record it.
+
+        Raises:
+            InvalidConfiguration: the domain is not one of the tenant's configured entries.
+            InvalidTransition: the state machine refuses the event.
+            StoreUnavailable: the store failed.
+        """
+        with self._lock:
+            entries = [e for e in self._matcher.domains_of(tenant) if e.domain == domain]
+            if not entries:
+                raise InvalidConfiguration(
+                    [f"domain {domain!r} is not an accepted domain of tenant {tenant!r}"]
+                )
+            updated = self._matcher.with_changes(remove=entries)
+            state = self._apply(
+                tenant,
+                "remove_domain",
+                by,
+                {"domain": domain},
+                lambda s, now: self.machine.remove_domain(s, now, domain),
+            )
+            self._matcher = updated
+        return state
+
+    def declare_not_ours(self, tenant: str, domain: str, *, by: str, note: str = "") -> TenantState:
+        """Declare an unregistered domain seen in the offending window as not the tenant's.
+
+        Raises:
+            InvalidTransition: not blocked, or the domain was not seen.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "declare_not_ours",
+            by,
+            {"domain": domain, "note": note},
+            lambda s, now: self.machine.declare_not_ours(s, now, domain, by=by, note=note),
+        )
+
+    def connector_created(self, connector: InboundConnector, *, when: float | None = None) -> TenantState:
+        """Record that an inbound connector was created (it must be reviewed if the tenant is
+        blocked within the look-back window).
+
+        Raises:
+            InvalidTransition: the state machine refuses the event.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            connector.tenant,
+            "create_connector",
+            None,
+            {"connector": connector.name},
+            lambda s, now: self.machine.create_connector(
+                s, now if when is None else when, connector.name
+            ),
+        )
+
+    def review_connector(
+        self, tenant: str, connector: str, *, kept: bool, by: str
+    ) -> TenantState:
+        """Record the review of an inbound connector (kept or removed).
+
+        Raises:
+            InvalidTransition: the state machine refuses the event.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "review_connector",
+            by,
+            {"connector": connector, "kept": kept},
+            lambda s, now: self.machine.review_connector(s, now, connector, kept=kept, by=by),
+        )
+
+    def attest(self, tenant: str, *, by: str, note: str) -> TenantState:
+        """Record that the tenant's on-premises server was locked down and verified.
+
+        Raises:
+            InvalidTransition: the tenant is not blocked.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "attest",
+            by,
+            {"note": note},
+            lambda s, now: self.machine.attest(s, now, by=by, note=note),
+        )
+
+    def request_unblock(self, tenant: str, *, code: str, evidence: str, by: str) -> TenantState:
+        """Ask support to lift the block, quoting the error code and the evidence.
+
+        Raises:
+            ChecklistIncomplete: remediation steps are missing (all of them listed).
+            InvalidTransition: the code does not match the block, or the tenant is not blocked.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "request_unblock",
+            by,
+            {"code": code, "evidence": evidence},
+            lambda s, now: self.machine.request_unblock(s, now, code=code, evidence=evidence),
+        )
+
+    def approve(self, tenant: str, *, by: str, reason: str) -> TenantState:
+        """Support approves the pending unblock request: the tenant is ACTIVE on probation.
+
+        Raises:
+            InvalidTransition: no request is pending (or the checklist is no longer complete).
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "approve",
+            by,
+            {"reason": reason},
+            lambda s, now: self.machine.approve(s, now, by=by, reason=reason),
+        )
+
+    def deny(self, tenant: str, *, by: str, reason: str) -> TenantState:
+        """Support denies the pending unblock request; the checklist is kept.
+
+        Raises:
+            InvalidTransition: no request is pending.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "deny",
+            by,
+            {"reason": reason},
+            lambda s, now: self.machine.deny(s, now, by=by, reason=reason),
+        )
+
+    def block(self, tenant: str, *, by: str, reason: str) -> TenantState:
+        """An operator blocks the tenant from sending from unregistered domains.
+
+        Raises:
+            InvalidTransition: the tenant is not ACTIVE.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "operator_block",
+            by,
+            {"reason": reason},
+            lambda s, now: self.machine.operator_block(s, now, by=by, reason=reason),
+        )
+
+    def suspend(self, tenant: str, *, by: str, reason: str) -> TenantState:
+        """An operator suspends all relay for the tenant (5.7.705).
+
+        Raises:
+            InvalidTransition: the tenant is already suspended.
+            StoreUnavailable: the store failed.
+        """
+        return self._apply(
+            tenant,
+            "operator_suspend",
+            by,
+            {"reason": reason},
+            lambda s, now: self.machine.operator_suspend(s, now, by=by, reason=reason),
+        )
+

@@ -1,0 +1,441 @@
+"""Tests for non-delivery reports: structure, every field, localisation, SMTPUTF8, loops, injection.
+
+Golden files live in ``tests/golden/dsn/``.  After an intended change to the output, regenerate
+them with ``DOMAINPOLICY_REGEN_GOLDEN=1 pytest tests/test_dsn.py tests/test_replies.py`` and
+review the diff.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from email import policy
+from email.message import EmailMessage, Message
+from email.parser import BytesParser, HeaderParser
+from email.policy import EmailPolicy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from domainpolicy import (
+    DomainPolicyError,
+    DsnRecipient,
+    InvalidAddress,
+    InvalidDsn,
+    Reply,
+    ReplyCode,
+    build_dsn,
+    dsn_languages,
+    parse_address,
+)
+from domainpolicy.testing import addresses, hostile_text
+
+GOLDEN = Path(__file__).parent / "golden" / "dsn"
+REGEN = os.environ.get("DOMAINPOLICY_REGEN_GOLDEN") == "1"
+WHEN = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+ARRIVED = dt.datetime(2024, 5, 1, 11, 59, 30, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+ORIGINAL = (
+    b"Return-Path: <alice@example.com>\r\n"
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.org\r\n"
+    b"Subject: Quarterly report\r\n"
+    b"Message-ID: <orig-1@example.com>\r\n"
+    b"\r\n"
+    b"Hello Bob.\r\n"
+)
+ORIGINAL_UTF8 = (
+    "Return-Path: <アリス@例え.jp>\r\n"
+    "From: アリス <アリス@例え.jp>\r\n"
+    "To: 花子@例え.jp\r\n"
+    "Subject: 四半期報告\r\n"
+    "\r\n"
+    "本文です。\r\n"
+).encode()
+
+
+def make(
+    original: bytes | Message = ORIGINAL,
+    recipients: list[str | DsnRecipient] | None = None,
+    reply: Reply | None = None,
+    **kwargs: object,
+) -> EmailMessage | None:
+    """build_dsn with deterministic defaults."""
+    options: dict[str, object] = {
+        "reporting_mta": "mx1.example.net",
+        "arrival_date": ARRIVED,
+        "message_id": "<dsn-1@mx1.example.net>",
+        "date": WHEN,
+    }
+    options.update(kwargs)
+    return build_dsn(
+        original,
+        recipients if recipients is not None else ["bob@example.org"],
+        reply if reply is not None else ReplyCode.BLOCKED_UNREGISTERED.reply(),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def parts_of(msg: Message) -> list[Any]:
+    """The sub-parts of a multipart or message/* part."""
+    payload = msg.get_payload()
+    assert isinstance(payload, list)
+    return payload
+
+
+def parse(data: bytes) -> tuple[EmailMessage, list[dict[str, str]]]:
+    """Parse a DSN with the stdlib under policy.default; return it and its status blocks."""
+    msg = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(msg, EmailMessage)
+    status = parts_of(msg)[1]
+    assert isinstance(status, EmailMessage)
+    if status.get_content_type() == "message/delivery-status":
+        blocks = [dict(block.items()) for block in parts_of(status)]
+    else:
+        first = parts_of(status)[0]
+        blocks = [dict(first.items())]
+        body = first.get_payload(decode=True).decode("utf-8")
+        for chunk in body.split("\r\n\r\n"):
+            if chunk.strip():
+                blocks.append(dict(HeaderParser(policy=policy.default).parsestr(chunk).items()))
+    return msg, blocks
+
+
+def check_golden(name: str, data: bytes) -> None:
+    """Compare with (or, with DOMAINPOLICY_REGEN_GOLDEN=1, rewrite) a golden file."""
+    path = GOLDEN / name
+    if REGEN:
+        path.write_bytes(data)
+    assert path.read_bytes() == data, f"{name} differs; see the module docstring to regenerate"
+
+
+# --------------------------------------------------------------------------- golden files
+
+
+@pytest.mark.parametrize("language", ["en", "ja"])
+@pytest.mark.parametrize("code", list(ReplyCode), ids=lambda c: c.value)
+def test_golden_per_code_and_language(code: ReplyCode, language: str) -> None:
+    """The DSN for every catalogue code in every language matches its golden file and parses."""
+    reply = code.reply(server_name="mx1.example.net")
+    msg = make(reply=reply, language=language, original_envelope_id="QQ314159")
+    assert msg is not None
+    data = msg.as_bytes()
+    check_golden(f"{code.value}.{language}.eml", data)
+    parsed, blocks = parse(data)
+    assert parsed["Content-Language"] is None
+    text = parts_of(parsed)[0]
+    assert text["Content-Language"] == language
+    assert str(reply) in text.get_content()
+    assert blocks[0] == {
+        "Reporting-MTA": "dns; mx1.example.net",
+        "Original-Envelope-Id": "QQ314159",
+        "Arrival-Date": "Wed, 01 May 2024 11:59:30 +0900",
+    }
+    assert blocks[1]["Status"] == code.status
+    assert blocks[1]["Diagnostic-Code"] == f"smtp; {reply}"
+
+
+@pytest.mark.parametrize("language", ["en", "ja"])
+@pytest.mark.parametrize("content", ["headers", "full", "none"])
+def test_golden_smtputf8(language: str, content: str) -> None:
+    """SMTPUTF8 originals give RFC 6533 global reports, matching golden files."""
+    msg = make(
+        ORIGINAL_UTF8,
+        [
+            "花子@例え.jp",
+            DsnRecipient(parse_address("ñ@bücher.de"), parse_address("o@example.org")),
+        ],
+        language=language,
+        return_content=content,
+    )
+    assert msg is not None
+    data = msg.as_bytes()
+    check_golden(f"smtputf8-{content}.{language}.eml", data)
+    parsed, blocks = parse(data)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed["Content-Type"].params["report-type"] == "global-delivery-status"
+    assert "アリス@例え.jp".encode() in data.split(b"\r\n\r\n", 1)[0]  # raw, not RFC 2047
+    assert b"=?utf-8?" not in data.split(b"Subject:", 1)[0]
+    assert blocks[1]["Final-Recipient"] == "utf-8; 花子@例え.jp"
+    assert blocks[2]["Final-Recipient"] == "utf-8; ñ@bücher.de"
+    assert blocks[2]["Original-Recipient"] == "rfc822; o@example.org"
+    kinds = [part.get_content_type() for part in parts_of(parsed)]
+    expected = {"headers": ["message/global-headers"], "full": ["message/global"], "none": []}
+    assert kinds == ["text/plain", "message/global-delivery-status", *expected[content]]
+    if content == "full":
+        assert "本文です。".encode() in data
+
+
+# --------------------------------------------------------------------------- every field
+
+
+def test_every_field_of_an_ascii_report() -> None:
+    """Top-level headers, the three parts and every delivery-status field are as specified."""
+    msg = make(
+        recipients=[
+            "bob@example.org",
+            DsnRecipient(parse_address("carol@bücher.de"), parse_address("<c@example.org>")),
+        ],
+        reply=ReplyCode.BLOCKED_UNREGISTERED.reply(server_name="mx1.example.net"),
+        last_attempt_date=WHEN + dt.timedelta(minutes=1),
+    )
+    assert msg is not None
+    assert isinstance(msg.policy, EmailPolicy)
+    assert msg.policy.utf8 is False
+    parsed, blocks = parse(msg.as_bytes())
+    assert str(parsed["From"]) == "Mail Delivery System <MAILER-DAEMON@mx1.example.net>"
+    assert parsed["To"] == "alice@example.com"
+    assert parsed["Subject"] == "Undeliverable: Quarterly report"
+    assert parsed["Date"] == "Wed, 01 May 2024 12:00:00 +0000"
+    assert parsed["Message-ID"] == "<dsn-1@mx1.example.net>"
+    assert parsed["Auto-Submitted"] == "auto-replied"
+    assert parsed["MIME-Version"] == "1.0"
+    assert parsed["Content-Type"].params["report-type"] == "delivery-status"
+    kinds = [part.get_content_type() for part in parts_of(parsed)]
+    assert kinds == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
+    diagnostic = (
+        "smtp; 550 5.7.750 Service unavailable. Client blocked from sending from unregistered"
+        " domains [mx1.example.net]"
+    )
+    common = {
+        "Action": "failed",
+        "Status": "5.7.750",
+        "Diagnostic-Code": diagnostic,
+        "Last-Attempt-Date": "Wed, 01 May 2024 12:01:00 +0000",
+    }
+    assert blocks == [
+        {
+            "Reporting-MTA": "dns; mx1.example.net",
+            "Arrival-Date": "Wed, 01 May 2024 11:59:30 +0900",
+        },
+        {"Final-Recipient": "rfc822; bob@example.org", **common},
+        {
+            "Final-Recipient": "rfc822; carol@xn--bcher-kva.de",
+            "Original-Recipient": "rfc822; c@example.org",
+            **common,
+        },
+    ]
+    returned = parts_of(parsed)[2].get_content()
+    expected = ORIGINAL.split(b"\r\n\r\n")[0].decode() + "\r\n"
+    assert returned.replace("\r\n", "\n") == expected.replace("\r\n", "\n")
+    text = parts_of(parsed)[0].get_content()
+    for needle in ("bob@example.org", "carol@bücher.de", "1. Register every domain", "4. Contact"):
+        assert needle in text
+
+
+def test_multiline_reply_in_diagnostic_code() -> None:
+    """A multi-line reply becomes one Diagnostic-Code value with its lines in order."""
+    reply = Reply(550, "5.7.750", ["line one", "line two"])
+    msg = make(reply=reply)
+    assert msg is not None
+    _, blocks = parse(msg.as_bytes())
+    assert blocks[1]["Diagnostic-Code"] == "smtp; 550-5.7.750 line one 550 5.7.750 line two"
+
+
+def test_full_return_embeds_the_original() -> None:
+    """return_content='full' returns the whole original as message/rfc822."""
+    msg = make(return_content="full")
+    assert msg is not None
+    parsed, _ = parse(msg.as_bytes())
+    inner = parts_of(parsed)[2]
+    assert inner.get_content_type() == "message/rfc822"
+    original = parts_of(inner)[0]
+    assert original["Message-ID"] == "<orig-1@example.com>"
+    assert original.get_content().replace("\r\n", "\n") == "Hello Bob.\n"
+
+
+def test_email_message_input_and_explicit_sender() -> None:
+    """An EmailMessage works as the original; envelope_sender overrides Return-Path."""
+    original = EmailMessage()
+    original["From"] = "x@example.com"
+    original["Subject"] = "Hi"
+    original.set_content("body")
+    msg = make(original, envelope_sender="<bounces@example.com>", language="ja-JP")
+    assert msg is not None
+    parsed, _ = parse(msg.as_bytes())
+    assert parsed["To"] == "bounces@example.com"
+    assert parsed["Subject"] == "配信不能: Hi"
+    assert parts_of(parsed)[0]["Content-Language"] == "ja"
+
+
+def test_original_without_subject_and_encoded_subject() -> None:
+    """No Subject gives the generic subject; an RFC 2047 Subject is decoded before quoting."""
+    no_subject = b"Return-Path: <a@example.com>\r\n\r\nx"
+    msg = make(no_subject)
+    assert msg is not None
+    assert msg["Subject"] == "Undeliverable message"
+    encoded = b"Return-Path: <a@example.com>\r\nSubject: =?utf-8?b?5pel5pys?=\r\n\r\nx"
+    msg = make(encoded)
+    assert msg is not None
+    assert msg["Subject"] == "Undeliverable: 日本"
+
+
+def test_languages_are_data_files() -> None:
+    """The available languages are the template files shipped in the package."""
+    assert {"en", "ja"} <= set(dsn_languages())
+
+
+def test_default_message_id_and_date_are_fresh() -> None:
+    """Without message_id and date, a unique Message-ID at the reporting MTA and now are used."""
+    first = build_dsn(
+        ORIGINAL,
+        ["b@example.org"],
+        ReplyCode.BAD_SENDER.reply(),
+        reporting_mta="mx1.example.net",
+        arrival_date=ARRIVED,
+    )
+    second = build_dsn(
+        ORIGINAL,
+        ["b@example.org"],
+        ReplyCode.BAD_SENDER.reply(),
+        reporting_mta="mx1.example.net",
+        arrival_date=ARRIVED,
+    )
+    assert first is not None
+    assert second is not None
+    assert first["Message-ID"] != second["Message-ID"]
+    assert first["Message-ID"].endswith("@mx1.example.net>")
+    assert first["Date"].datetime.tzinfo is not None
+
+
+# --------------------------------------------------------------------------- loops
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        b"Return-Path: <>\r\nSubject: bounce\r\n\r\nx",
+        b"Return-Path: <a@example.com>\r\nAuto-Submitted: auto-replied\r\n\r\nx",
+        b"Return-Path: <a@example.com>\r\nAuto-Submitted: Auto-Generated (vacation)\r\n\r\nx",
+        b"Return-Path: <a@example.com>\r\nContent-Type: multipart/report;"
+        b" report-type=delivery-status; boundary=x\r\n\r\n--x--\r\n",
+    ],
+)
+def test_no_report_about_a_report(original: bytes) -> None:
+    """Null senders, Auto-Submitted other than 'no' and delivery reports get None, not a DSN."""
+    assert make(original) is None
+
+
+def test_null_envelope_sender_argument_gives_none() -> None:
+    """An explicit null envelope sender also suppresses the report."""
+    assert make(envelope_sender="<>") is None
+
+
+def test_auto_submitted_no_still_gets_a_report() -> None:
+    """Auto-Submitted: no marks ordinary mail, which is reported on."""
+    assert make(b"Return-Path: <a@example.com>\r\nAuto-Submitted: no\r\n\r\nx") is not None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"arrival_date": dt.datetime(2024, 1, 1)}, "naive"),
+        ({"date": "yesterday"}, "not a datetime"),
+        ({"language": "xx"}, "no DSN template"),
+        ({"language": "../en"}, "not a language tag"),
+        ({"return_content": "body"}, "return_content"),
+        ({"reporting_mta": "mx1\r\nBcc: x@example.com"}, "reporting_mta"),
+        ({"message_id": "<a@b>\r\nBcc: x"}, "message_id"),
+        ({"original_envelope_id": "a b"}, "original_envelope_id"),
+        ({"reply": Reply(250, "2.0.0", "ok")}, "not a failure"),
+        ({"reply": "550 5.7.1 no"}, "not a domainpolicy Reply"),
+        ({"recipients": []}, "empty"),
+        ({"recipients": "bob@example.org"}, "iterable"),
+        ({"original": b"Subject: x\r\n\r\n"}, "envelope sender is unknown"),
+        ({"original": b"Return-Path: <bad address>\r\n\r\n"}, "Return-Path"),
+        ({"original": "text"}, "neither bytes"),
+    ],
+)
+def test_bad_arguments_raise_invalid_dsn(kwargs: dict[str, object], match: str) -> None:
+    """Each malformed argument raises InvalidDsn naming the value and the rule."""
+    with pytest.raises(InvalidDsn, match=match):
+        make(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_recipient_raises_invalid_address() -> None:
+    """A recipient that is not an address raises InvalidAddress from the names core."""
+    with pytest.raises(InvalidAddress):
+        make(recipients=["bob@\r\nexample.org"])
+
+
+# --------------------------------------------------------------------------- injection
+
+_TOP = {
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Auto-Submitted",
+    "MIME-Version",
+    "Content-Type",
+}
+
+
+def assert_shape(data: bytes) -> None:
+    """The report has exactly the expected headers, three parts and well-formed blocks."""
+    parsed, blocks = parse(data)
+    assert set(parsed.keys()) == _TOP
+    assert len(parts_of(parsed)) == 3
+    assert set(blocks[0]) <= {"Reporting-MTA", "Arrival-Date", "Original-Envelope-Id"}
+    for block in blocks[1:]:
+        assert set(block) <= {
+            "Final-Recipient",
+            "Original-Recipient",
+            "Action",
+            "Status",
+            "Diagnostic-Code",
+            "Last-Attempt-Date",
+        }
+
+
+def test_crlf_in_subject_adds_no_header() -> None:
+    """A folded original Subject carrying a fake header stays inside the Subject."""
+    original = b"Return-Path: <a@example.com>\r\nSubject: hi\r\n Bcc: evil@example.com\r\n\r\nx"
+    msg = make(original)
+    assert msg is not None
+    assert_shape(msg.as_bytes())
+    assert msg["Subject"] == "Undeliverable: hi Bcc: evil@example.com"
+
+
+@given(hostile_text(max_size=300), hostile_text(max_size=300), hostile_text(max_size=120))
+def test_hostile_inputs_never_add_headers_or_parts(subject: str, rcpt: str, mta: str) -> None:
+    """Hostile Subject, recipient and MTA text either raise DomainPolicyError or change nothing."""
+    original = (
+        b"Return-Path: <a@example.com>\r\nSubject: "
+        + subject.encode("utf-8", "surrogatepass").replace(b"\r", b" ").replace(b"\n", b" ")
+        + b"\r\n\r\nbody"
+    )
+    try:
+        msg = make(original, recipients=[rcpt], reporting_mta=mta or "mx.example")
+    except DomainPolicyError:
+        return
+    assert msg is not None
+    assert_shape(msg.as_bytes())
+
+
+@given(st.lists(addresses(), min_size=1, max_size=3), addresses(forms=False))
+def test_any_valid_addresses_round_trip(rcpts: list[str], sender: str) -> None:
+    """For arbitrary valid addresses the report parses and names each recipient exactly."""
+    msg = make(recipients=list(rcpts), envelope_sender=sender)
+    assert msg is not None
+    data = msg.as_bytes()
+    parsed, blocks = parse(data)
+    assert len(blocks) == len(rcpts) + 1
+    for rcpt, block in zip(rcpts, blocks[1:], strict=True):
+        address = parse_address(rcpt)
+        kind, _, value = block["Final-Recipient"].partition("; ")
+        if kind == "rfc822":
+            assert value == address.mailbox
+        else:
+            assert kind == "utf-8"
+            assert address.needs_smtputf8
+    if not parse_address(sender).needs_smtputf8:
+        assert (
+            parsed["To"].addresses[0].addr_spec.lower().endswith(str(parse_address(sender).domain))
+        )
