@@ -13,6 +13,7 @@ from domainpolicy import (
     InvalidDomain,
     parse_address,
 )
+from domainpolicy._names import _parse_address, _parse_plain
 from domainpolicy.testing import addresses, hostile_text
 
 PARSED = [
@@ -178,3 +179,26 @@ def test_non_text_is_refused() -> None:
     with pytest.raises(InvalidAddress) as info:
         parse_address(b"user@example.com")  # type: ignore[arg-type]
     assert info.value.reason == "not_text"
+
+
+_ADDRESS_PIECES = st.sampled_from(
+    ["a", "B", "0", ".", "..", "@", "<", ">", '"', "-", "_", "+", "x.example", "com", "[", "]",
+     "1.2.3.4", ":", ",", " ", "\t", "a" * 64, "b" * 63 + ".", "xn--", "EXAMPLE", "!", "~"]
+)
+
+
+@given(st.one_of(addresses(utf8=False), st.lists(_ADDRESS_PIECES, max_size=12).map("".join)))
+def test_fast_path_agrees_with_full_parser(text: str) -> None:
+    """Whatever the plain-address fast path accepts, the full parser accepts identically."""
+    fast = _parse_plain(text)
+    if fast is None:
+        return
+    slow = _parse_address(text)
+    assert (fast, fast.original) == (slow, slow.original)
+
+
+def test_cached_null_path_still_refused_for_recipients() -> None:
+    """A cached null path does not slip past allow_null=False."""
+    assert parse_address("<>").is_null
+    with pytest.raises(InvalidAddress):
+        parse_address("<>", allow_null=False)

@@ -6,12 +6,15 @@ import multiprocessing
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from domainpolicy import (
     BlockMachine,
+    InvalidConfiguration,
     InvalidTransition,
+    SQLiteStore,
     State,
     StateStore,
     StoreUnavailable,
@@ -42,7 +45,11 @@ MACHINE = BlockMachine(SMALL_POLICY)
 
 def observe(store: StateStore, tenant: str, at: float, *, registered: bool = False) -> bool:
     _, effects = store.observe(
-        MACHINE, tenant, at, registered=registered, registrable=None if registered else "spam.example"
+        MACHINE,
+        tenant,
+        at,
+        registered=registered,
+        registrable=None if registered else "spam.example",
     )
     assert effects.decision is not None
     return effects.decision.accepted
@@ -179,17 +186,15 @@ def test_concurrent_processes_count_exactly(kind: str, tmp_path: Path) -> None:
     open_store(url).close()  # create / migrate once up front
     context = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue[object] = context.Queue()
-    processes = [
-        context.Process(target=worker, args=(url, "t1", 20, 3, results)) for _ in range(3)
-    ]
+    processes = [context.Process(target=worker, args=(url, "t1", 20, 3, results)) for _ in range(3)]
     for process in processes:
         process.start()
-    outcomes = [results.get(timeout=120) for _ in processes]
+    outcomes = [cast(tuple[int, int], results.get(timeout=120)) for _ in processes]
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    accepted = sum(a for a, _ in outcomes)  # type: ignore[misc]
-    refused = sum(r for _, r in outcomes)  # type: ignore[misc]
+    accepted = sum(a for a, _ in outcomes)
+    refused = sum(r for _, r in outcomes)
     assert accepted + refused == 180
     assert accepted == SMALL_POLICY.message_limit
     with open_store(url) as store:
@@ -217,3 +222,43 @@ def test_closed_store_raises_store_unavailable(kind: str, tmp_path: Path) -> Non
     store.close()
     with pytest.raises(StoreUnavailable):
         observe(store, "t1", NOW)
+
+
+def test_sqlite_refuses_in_memory_database() -> None:
+    """':memory:' would be a different empty database per thread, so it is refused clearly."""
+    with pytest.raises(InvalidConfiguration) as info:
+        SQLiteStore(":memory:")
+    assert "MemoryStore" in str(info.value)
+
+
+def test_sqlite_refuses_a_newer_schema(tmp_path: Path) -> None:
+    """A database from a newer domainpolicy is refused, not misread."""
+    import sqlite3
+
+    path = tmp_path / "new.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=99")
+    with pytest.raises(InvalidConfiguration) as info:
+        SQLiteStore(path)
+    assert "schema version 99" in str(info.value)
+
+
+def test_sqlite_corrupt_state_is_store_unavailable(tmp_path: Path) -> None:
+    """A corrupt stored state raises StoreUnavailable naming the tenant."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    with SQLiteStore(path) as store:
+        observe(store, "t1", NOW)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE tenant_state SET state = '{\"schema\": 1}', version = version + 1")
+    with SQLiteStore(path) as store, pytest.raises(StoreUnavailable) as info:
+        store.load("t1")
+    assert "'t1'" in str(info.value)
+
+
+def test_unknown_store_url_is_a_configuration_error() -> None:
+    """open_store names the URL it cannot open."""
+    with pytest.raises(InvalidConfiguration) as info:
+        open_store("postgres://db/x")
+    assert "postgres://db/x" in str(info.value)

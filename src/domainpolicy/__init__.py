@@ -2,48 +2,11 @@
 
 The public surface is flat: import everything from ``domainpolicy``.  Implementation modules are
 private (``domainpolicy._names`` and so on); ``domainpolicy.testing`` (hypothesis strategies) and
-``domainpolicy.integrations`` are the public submodules.
+``domainpolicy.integrations`` (Postfix, aiosmtpd) are the public submodules.
 """
 
 from __future__ import annotations
 
-# --- matcher (issue 3) ---
-from ._connectors import ConnectorTable, InboundConnector
-
-# --- errors (foundation) ---
-from ._errors import (
-    DomainPolicyError,
-    InvalidAddress,
-    InvalidConfiguration,
-    InvalidDomain,
-    InvalidReply,
-    InvalidSnapshot,
-    InvalidTransition,
-    StoreUnavailable,
-)
-from ._matcher import (
-    SNAPSHOT_VERSION,
-    AcceptedDomain,
-    DomainMatcher,
-    DomainType,
-    Match,
-    MatchKind,
-    Owner,
-)
-
-# --- names (foundation) ---
-from ._names import (
-    MAX_INPUT_CHARS,
-    Address,
-    NormalizedDomain,
-    domain_to_unicode,
-    normalize_domain,
-    parse_address,
-)
-from ._psl import PublicSuffixes, default_public_suffixes, is_public_suffix, registrable_domain
-
-# --- block state machine (issue 4) ---
-# isort: split
 from ._blockstate import (
     STATE_SCHEMA_VERSION,
     TRANSITIONS,
@@ -72,10 +35,38 @@ from ._blockstate import (
     Verdict,
     Window,
 )
-
-# --- replies and NDRs (issue 5) ---
-# isort: split
+from ._config import PolicyConfig, load_config, parse_domains_file
+from ._connectors import ConnectorTable, InboundConnector
 from ._dsn import DsnRecipient, InvalidDsn, build_dsn, dsn_languages
+from ._errors import (
+    DomainPolicyError,
+    InvalidAddress,
+    InvalidConfiguration,
+    InvalidDomain,
+    InvalidReply,
+    InvalidSnapshot,
+    InvalidTransition,
+    StoreUnavailable,
+)
+from ._matcher import (
+    SNAPSHOT_VERSION,
+    AcceptedDomain,
+    DomainMatcher,
+    DomainType,
+    Match,
+    MatchKind,
+    Owner,
+)
+from ._names import (
+    MAX_INPUT_CHARS,
+    Address,
+    NormalizedDomain,
+    domain_to_unicode,
+    normalize_domain,
+    parse_address,
+)
+from ._policy import ACCEPTED_REPLY, Decision, Outcome, RelayPolicy, RelayRequest, TenantStatus
+from ._psl import PublicSuffixes, default_public_suffixes, is_public_suffix, registrable_domain
 from ._replies import (
     MAX_REPLY_LINE_OCTETS,
     POSTFIX_REJECT_RESERVE,
@@ -84,9 +75,6 @@ from ._replies import (
     ReplyCode,
     sanitize_reply_text,
 )
-
-# --- policy and stores (issue 6) ---
-# isort: split
 from ._stores import AuditRecord, MemoryStore, Mutation, SQLiteStore, StateStore, open_store
 
 __version__ = "0.1.0.dev0"
@@ -101,20 +89,18 @@ __all__ = [
     "InvalidSnapshot",
     "InvalidTransition",
     "StoreUnavailable",
-    # names
+    # names and addresses
     "MAX_INPUT_CHARS",
     "Address",
     "NormalizedDomain",
-    "PublicSuffixes",
-    "default_public_suffixes",
     "domain_to_unicode",
-    "is_public_suffix",
     "normalize_domain",
     "parse_address",
+    "PublicSuffixes",
+    "default_public_suffixes",
+    "is_public_suffix",
     "registrable_domain",
-    # matcher (issue 3)
-    "ConnectorTable",
-    "InboundConnector",
+    # accepted-domain matcher and connectors
     "SNAPSHOT_VERSION",
     "AcceptedDomain",
     "DomainMatcher",
@@ -122,7 +108,9 @@ __all__ = [
     "Match",
     "MatchKind",
     "Owner",
-    # block state machine (issue 4)
+    "ConnectorTable",
+    "InboundConnector",
+    # block state machine
     "STATE_SCHEMA_VERSION",
     "TRANSITIONS",
     "Alert",
@@ -149,18 +137,27 @@ __all__ = [
     "UnblockRequest",
     "Verdict",
     "Window",
-    # replies and NDRs (issue 5)
+    # SMTP replies and NDRs
     "MAX_REPLY_LINE_OCTETS",
     "POSTFIX_REJECT_RESERVE",
-    "DsnRecipient",
-    "InvalidDsn",
     "Reply",
     "ReplyCatalog",
     "ReplyCode",
+    "sanitize_reply_text",
+    "DsnRecipient",
+    "InvalidDsn",
     "build_dsn",
     "dsn_languages",
-    "sanitize_reply_text",
-    # policy and stores (issue 6)
+    # relay policy, configuration and stores
+    "ACCEPTED_REPLY",
+    "Decision",
+    "Outcome",
+    "RelayPolicy",
+    "RelayRequest",
+    "TenantStatus",
+    "PolicyConfig",
+    "load_config",
+    "parse_domains_file",
     "AuditRecord",
     "MemoryStore",
     "Mutation",

@@ -11,11 +11,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._errors import DomainPolicyError, InvalidAddress, InvalidDomain
 from ._names import domain_to_unicode, normalize_domain, parse_address
 from ._psl import default_public_suffixes
+
+if TYPE_CHECKING:
+    from ._matcher import DomainMatcher
 
 __all__ = ["EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
@@ -94,11 +97,72 @@ def _describe_domain(key: str) -> dict[str, Any]:
     }
 
 
+def _check_matcher(args: argparse.Namespace) -> DomainMatcher | None:
+    """The `DomainMatcher` of ``check --config``/``--snapshot``, or None (imported lazily so
+    that plain ``check`` stays cheap).
+
+    Raises:
+        InvalidConfiguration: the configuration is invalid.
+        InvalidSnapshot: the snapshot cannot be read.
+    """
+    if args.snapshot is not None:
+        from ._matcher import DomainMatcher
+
+        return DomainMatcher.load(args.snapshot)
+    if args.config is not None:
+        from ._config import load_config
+
+        return load_config(args.config).matcher
+    return None
+
+
+def _describe_match(matcher: DomainMatcher, key: str | None) -> dict[str, Any]:
+    """Which tenant and accepted-domain entry match the normalised domain *key*, and why."""
+    if key is None:
+        return {"tenant": None, "entry": None, "match": None, "why": "no domain to match"}
+    found = matcher.match(key)
+    if found is None:
+        why = "no accepted domain of any tenant matches"
+        parent = key.partition(".")[2]
+        while "." in parent:  # a parent accepted without its subdomains explains many misses
+            above = matcher.match(parent)
+            if above is not None:
+                why += (
+                    f"; {above.entry.domain} (tenant {above.tenant}) is accepted, "
+                    "but not its subdomains"
+                )
+                break
+            parent = parent.partition(".")[2]
+        return {"tenant": None, "entry": None, "match": None, "why": why}
+    entry = found.entry
+    why = {
+        "exact": f"{entry.domain} is itself an accepted domain of tenant {entry.tenant}",
+        "subdomain": f"under {entry.domain}, accepted by tenant {entry.tenant} with subdomains",
+        "wildcard": f"under the wildcard {entry.domain} of tenant {entry.tenant}",
+    }[found.kind.value]
+    return {
+        "tenant": entry.tenant,
+        "entry": entry.domain,
+        "entry_type": entry.domain_type.value,
+        "match_subdomains": entry.match_subdomains,
+        "match": found.kind.value,
+        "why": why,
+    }
+
+
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     status = EXIT_OK
+    try:
+        matcher = _check_matcher(args)
+    except DomainPolicyError as exc:
+        lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
+        detail = "; ".join(line for line in lines[1:] if line)
+        sys.stderr.write(f"domainpolicy: error: {lines[0]}{': ' + detail if detail else ''}\n")
+        return EXIT_USAGE
     for value in _inputs(args.targets, args.file):
         record: dict[str, Any] = {"input": value}
         try:
+            key: str | None
             if "@" in value or value.strip() in ("<>", ""):
                 address = parse_address(value)
                 record.update(
@@ -109,16 +173,20 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
                     null=address.is_null,
                     smtputf8=address.needs_smtputf8,
                 )
+                key = address.domain
                 if address.domain is not None:
                     record.update(_describe_domain(address.domain))
             else:
-                record.update(kind="domain", ok=True, **_describe_domain(normalize_domain(value)))
+                key = normalize_domain(value)
+                record.update(kind="domain", ok=True, **_describe_domain(key))
         except (InvalidDomain, InvalidAddress) as exc:
             status = EXIT_INVALID
             _emit(
                 out, args, _error_record(value, exc), f"{value}: INVALID {exc.reason}: {exc.detail}"
             )
             continue
+        if matcher is not None:
+            record.update(_describe_match(matcher, key))
         lines = [f"{value}:"] + [
             f"  {k}: {v}" for k, v in record.items() if k not in ("input", "ok")
         ]
@@ -143,6 +211,17 @@ def _configure_normalize(parser: argparse.ArgumentParser) -> None:
 def _configure_check(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="*", metavar="ADDRESS-OR-DOMAIN")
     parser.add_argument("-f", "--file", help="read one address or domain per line ('-': stdin)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--config",
+        metavar="FILE",
+        help="also say which tenant and accepted-domain entry match, from this configuration",
+    )
+    source.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="the same, from a matcher snapshot written by 'domainpolicy compile'",
+    )
 
 
 COMMANDS["normalize"] = (
@@ -151,14 +230,28 @@ COMMANDS["normalize"] = (
     _cmd_normalize,
 )
 COMMANDS["check"] = (
-    "parse an address or domain and show its normalised form and registrable domain",
+    "parse an address or domain and show its normalised form and registrable domain "
+    "(with --config or --snapshot: also the tenant and accepted-domain entry that match)",
     _configure_check,
     _cmd_check,
 )
 
 
+def _register_commands() -> None:
+    """Import the modules that add commands to `COMMANDS` (each registers on import)."""
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name, __package__)
+
+
+# Modules that register further commands; kept as names so importing _cli stays cheap.
+_COMMAND_MODULES: tuple[str, ...] = ("._cli_replay", "._cli_admin")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered command."""
+    _register_commands()
     parser = _Parser(prog="domainpolicy", description="Accepted-domain relay policy tools.")
     commands = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=_Parser

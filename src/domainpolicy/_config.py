@@ -1,4 +1,4 @@
-"""Configuration from a TOML file: tenants, accepted domains, connectors, thresholds, replies, store.
+"""Configuration from a TOML file: tenants, accepted domains, connectors, thresholds, replies.
 
 Every problem is collected and reported at once, each with where it is: the file and key
 (``tenants.contoso.domains[2]``) or the file and line of a domains file.  See
@@ -144,7 +144,7 @@ def parse_domains_file(
     """
     name = os.fspath(path)
     try:
-        handle = open(name, encoding="utf-8")
+        handle = open(name, encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise InvalidConfiguration([f"cannot read domains file {name!r}: {exc}"]) from exc
     with handle:
@@ -162,18 +162,23 @@ def parse_domains_file(
                 if owner is None:
                     yield number, f"{domain!r} has no tenant column"
                     continue
-                flags = {f.strip().lower() for f in fields[2].split(",")} if len(fields) > 2 else set()
+                flags = (
+                    {f.strip().lower() for f in fields[2].split(",")} if len(fields) > 2 else set()
+                )
                 flags.discard("")
                 kinds = [_TYPES[f] for f in flags if f in _TYPES]
                 unknown = sorted(f for f in flags if f not in _TYPES and f != "subdomains")
                 if unknown or len(kinds) > 1 or len(fields) > 3:
                     yield number, f"bad flags {fields[2:]!r} (expected subdomains and one type)"
                     continue
-                yield number, AcceptedDomain(
-                    domain,
-                    owner,
-                    kinds[0] if kinds else DomainType.AUTHORITATIVE,
-                    "subdomains" in flags,
+                yield (
+                    number,
+                    AcceptedDomain(
+                        domain,
+                        owner,
+                        kinds[0] if kinds else DomainType.AUTHORITATIVE,
+                        "subdomains" in flags,
+                    ),
                 )
         except UnicodeDecodeError as exc:
             raise InvalidConfiguration([f"domains file {name!r} is not UTF-8: {exc}"]) from exc
@@ -317,10 +322,10 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         connector = _connector(value, f"connectors[{index}]", problems)
         if connector is not None:
             connectors.append(connector)
-    table: ConnectorTable | None = None
+    connector_table: ConnectorTable | None = None
     if matcher is not None:
         try:
-            table = ConnectorTable.compile(connectors, matcher)
+            connector_table = ConnectorTable.compile(connectors, matcher)
         except InvalidConfiguration as exc:
             for problem in exc.problems:
                 problems.add("connectors", problem)
@@ -377,12 +382,12 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         else:
             store_url = url
 
-    if problems.items or matcher is None or table is None or block_policy is None:
+    if problems.items or matcher is None or connector_table is None or block_policy is None:
         raise InvalidConfiguration(problems.items or ["configuration is incomplete"], source=source)
     return PolicyConfig(
         source=source,
         matcher=matcher,
-        connectors=table,
+        connectors=connector_table,
         connector_list=tuple(connectors),
         block_policy=block_policy,
         replies=replies,

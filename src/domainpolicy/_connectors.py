@@ -34,12 +34,25 @@ __all__ = ["ConnectorTable", "InboundConnector"]
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _networks(value: Iterable[_Network]) -> tuple[_Network, ...]:
-    return tuple(value)
+def _network(value: object) -> object:
+    """Text such as ``"198.51.100.0/24"`` becomes a network; anything else is kept as given so
+    that `ConnectorTable.compile` reports it with every other problem."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            return value
+    return value
+
+
+def _networks(value: Iterable[_Network | str]) -> tuple[_Network, ...]:
+    if isinstance(value, str | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        value = [value]
+    return tuple(_network(v) for v in value)  # type: ignore[misc]
 
 
 def _names(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 @attrs.frozen
@@ -49,7 +62,8 @@ class InboundConnector:
     Attributes:
         name: unique name of the connector.
         tenant: the tenant mail through this connector is attributed to.
-        sender_ip_ranges: the partner's networks (`ipaddress` networks).
+        sender_ip_ranges: the partner's networks (`ipaddress` networks, or text such as
+            ``"198.51.100.0/24"``).
         tls_cert_names: certificate names (``mail.contoso.com`` or ``*.contoso.com``).
         created_at: when the connector was created (informational).
         enabled: disabled connectors are checked but never attribute mail.

@@ -311,9 +311,11 @@ def _normalize_miss(text: object) -> NormalizedDomain:
 
 
 def clear_cache() -> None:
-    """Forget every cached normalisation (whole names and the per-label IDNA caches)."""
+    """Forget every cached result (names, addresses and the per-label IDNA caches)."""
     with _results_lock:
         _results.clear()
+    with _addresses_lock:
+        _addresses.clear()
     _alabel_for.cache_clear()
     _ulabel_for.cache_clear()
 
@@ -536,6 +538,34 @@ def _parse_literal(text: str, inner: str, position: int) -> str:
     )
 
 
+# A plain ``local@domain`` or ``<local@domain>``: ASCII dot-atom local part, no route, no quotes,
+# no literal.  Everything it accepts the full parser accepts with the same result (a property
+# test checks); everything else takes the full parser.
+_PLAIN_ADDRESS: Final = re.compile(
+    r"(<?)([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
+    r"@([A-Za-z0-9.-]+)(>?)"
+).fullmatch
+_addresses: dict[str, Address] = {}
+_addresses_lock = threading.Lock()
+
+
+def _parse_plain(text: str) -> Address | None:
+    """The fast path of `parse_address` for plain ASCII addresses, or None to take the slow one."""
+    found = _PLAIN_ADDRESS(text)
+    if found is None:
+        return None
+    open_bracket, local_part, domain_text, close_bracket = found.groups()
+    if open_bracket != close_bracket or len(local_part) > _MAX_LOCAL_OCTETS:
+        return None
+    if len(text) + (0 if open_bracket else 2) > _MAX_PATH_OCTETS:
+        return None
+    try:
+        domain = normalize_domain(domain_text)
+    except InvalidDomain:
+        return None
+    return Address(local_part=local_part, domain=domain, original=text)
+
+
 def parse_address(text: str, *, allow_null: bool = True) -> Address:
     """Parse an SMTP path or bare mailbox the way MTAs pass them.
 
@@ -545,7 +575,8 @@ def parse_address(text: str, *, allow_null: bool = True) -> Address:
     (``user@[192.0.2.1]``, ``user@[IPv6:2001:db8::1]``) and surrounding whitespace.  The null
     reverse-path is ``<>``; an empty string means the same (Postfix passes ``sender=`` empty).
     The local part is kept exactly as given; the domain is normalised with `normalize_domain`.
-    Limits (RFC 5321 section 4.5.3.1): local part 64 octets, path 256 octets.
+    Limits (RFC 5321 section 4.5.3.1): local part 64 octets, path 256 octets.  Results are
+    cached (bounded, thread-safe): MTAs see the same senders again and again.
 
     Args:
         text: the address as received.
@@ -556,6 +587,32 @@ def parse_address(text: str, *, allow_null: bool = True) -> Address:
             domain is at fault the reason is ``bad_domain`` and ``__cause__`` is the
             `InvalidDomain`.
     """
+    try:
+        found = _addresses.get(text)
+    except TypeError:  # unhashable: not a str; the full parser says so
+        found = None
+    if found is not None and (allow_null or not found.is_null):
+        return found
+    if type(text) is str and text.isascii():
+        plain = _parse_plain(text)
+        if plain is not None:
+            _remember_address(text, plain)
+            return plain
+    address = _parse_address(text, allow_null=allow_null)
+    _remember_address(address.original, address)
+    return address
+
+
+def _remember_address(text: str, address: Address) -> None:
+    with _addresses_lock:
+        if len(_addresses) >= _CACHE_SIZE:
+            for key in list(itertools.islice(_addresses, _CACHE_SIZE // 4)):
+                del _addresses[key]
+        _addresses[text] = address
+
+
+def _parse_address(text: str, *, allow_null: bool = True) -> Address:
+    """The full RFC 5321 path parser behind `parse_address` (no cache, no fast path)."""
     original = _check_input(text, InvalidAddress)
     text = original.strip()
     if text in ("", "<>"):

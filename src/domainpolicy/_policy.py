@@ -236,14 +236,16 @@ class RelayPolicy:
         on_alert: Callable[[Alert], None] | None = None,
     ) -> None:
         problems = []
-        if not isinstance(matcher, DomainMatcher):
-            problems.append(f"matcher={shown(matcher)}: must be a DomainMatcher")
-        if connectors is not None and not isinstance(connectors, ConnectorTable):
-            problems.append(f"connectors={shown(connectors)}: must be a ConnectorTable or None")
-        if block_policy is not None and not isinstance(block_policy, BlockPolicy):
-            problems.append(f"block_policy={shown(block_policy)}: must be a BlockPolicy or None")
-        if store is not None and not isinstance(store, StateStore):
-            problems.append(f"store={shown(store)}: must be a StateStore or None")
+        typed: list[tuple[str, object, type, bool]] = [
+            ("matcher", matcher, DomainMatcher, False),
+            ("connectors", connectors, ConnectorTable, True),
+            ("block_policy", block_policy, BlockPolicy, True),
+            ("store", store, StateStore, True),
+        ]
+        for name, value, kind, optional in typed:
+            if not (optional and value is None) and not isinstance(value, kind):
+                extra = " or None" if optional else ""
+                problems.append(f"{name}={shown(value)}: must be a {kind.__name__}{extra}")
         if null_sender not in ("accept", "refuse"):
             problems.append(f"null_sender={null_sender!r}: must be 'accept' or 'refuse'")
         if count not in ("messages", "recipients"):
@@ -303,9 +305,7 @@ class RelayPolicy:
 
     # ------------------------------------------------------------------ the hot path
 
-    def _refuse(
-        self, code: ReplyCode, reason: str, tenant: str | None, **fields: Any
-    ) -> Decision:
+    def _refuse(self, code: ReplyCode, reason: str, tenant: str | None, **fields: Any) -> Decision:
         outcome = Outcome.TEMPFAIL if code.code < 500 else Outcome.REFUSE
         return Decision(outcome, self.reply(code, tenant), reason, tenant, **fields)
 
@@ -398,7 +398,7 @@ class RelayPolicy:
 
     def _alert(self, effects: Effects) -> None:
         for alert in effects.alerts:
-            log.warning("alert %s for tenant %r: %s", alert.kind.value, alert.tenant, alert.message)
+            log.info("alert %s for tenant %r: %s", alert.kind.value, alert.tenant, alert.message)
             if self._on_alert is not None:
                 try:
                     self._on_alert(alert)
@@ -512,22 +512,29 @@ class RelayPolicy:
             self._matcher = updated
         return state
 
-    def declare_not_ours(self, tenant: str, domain: str, *, by: str, note: str = "") -> TenantState:
-        """Declare an unregistered domain seen in the offending window as not the tenant's.
+    def declare_not_ours(
+        self, tenant: str, domains: Iterable[str], *, by: str, note: str = ""
+    ) -> TenantState:
+        """Declare unregistered domains seen in the offending window as not the tenant's
+        (forged by the spammer), completing that part of the checklist.
 
         Raises:
-            InvalidTransition: not blocked, or the domain was not seen.
+            InvalidEvent: a domain is invalid or not among the offending domains.
+            InvalidTransition: the tenant is not blocked.
             StoreUnavailable: the store failed.
         """
+        names = [domains] if isinstance(domains, str) else list(domains)
         return self._apply(
             tenant,
             "declare_not_ours",
             by,
-            {"domain": domain, "note": note},
-            lambda s, now: self.machine.declare_not_ours(s, now, domain, by=by, note=note),
+            {"domains": names, "note": note},
+            lambda s, now: self.machine.declare_not_ours(s, now, names, by=by),
         )
 
-    def connector_created(self, connector: InboundConnector, *, when: float | None = None) -> TenantState:
+    def connector_created(
+        self, connector: InboundConnector, *, when: float | None = None
+    ) -> TenantState:
         """Record that an inbound connector was created (it must be reviewed if the tenant is
         blocked within the look-back window).
 
@@ -545,9 +552,7 @@ class RelayPolicy:
             ),
         )
 
-    def review_connector(
-        self, tenant: str, connector: str, *, kept: bool, by: str
-    ) -> TenantState:
+    def review_connector(self, tenant: str, connector: str, *, kept: bool, by: str) -> TenantState:
         """Record the review of an inbound connector (kept or removed).
 
         Raises:
@@ -652,4 +657,3 @@ class RelayPolicy:
             {"reason": reason},
             lambda s, now: self.machine.operator_suspend(s, now, by=by, reason=reason),
         )
-

@@ -1,0 +1,213 @@
+"""Benchmark: decisions per second through `RelayPolicy.evaluate`, per store.
+
+Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a short run, ``--stores memory,sqlite``
+to choose).  For each store it measures the accept path (a tenant's accepted domain, and
+tolerated unregistered relay) and the refuse path (a blocked tenant's unregistered mail), in one
+process and in two processes sharing the store (memory: one process only).  A Redis store is
+measured against a ``redis-server`` this script starts on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import multiprocessing
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+from domainpolicy import (
+    AcceptedDomain,
+    ConnectorTable,
+    InboundConnector,
+    BlockPolicy,
+    DomainMatcher,
+    StateStore,
+    open_store,
+)
+from domainpolicy._policy import RelayPolicy, RelayRequest
+
+TENANTS = 1000
+MATCHER = DomainMatcher.compile(
+    [AcceptedDomain(f"tenant{i}.example", f"t{i}") for i in range(TENANTS)]
+)
+# t0's and t1's on-premises servers connect from these ranges.
+CONNECTORS = ConnectorTable.compile(
+    [
+        InboundConnector("t0-onprem", "t0", sender_ip_ranges=(ipaddress.ip_network("192.0.2.0/24"),)),
+        InboundConnector("t1-onprem", "t1", sender_ip_ranges=(ipaddress.ip_network("198.51.100.0/24"),)),
+    ],
+    MATCHER,
+)
+# High limits so the accept path never blocks during the run; the refuse tenant is blocked first.
+POLICY = BlockPolicy(message_limit=10**9, domain_limit=10**6, max_tracked_domains=10**6 + 1)
+KINDS = (
+    ("accept_registered", True),
+    ("accept_unregistered", True),
+    ("refuse", False),
+)
+
+
+def requests(kind: str, count: int, offset: int) -> list[RelayRequest]:
+    """A batch of requests: a tenant's own domains, tolerated unregistered relay, or refused."""
+    if kind == "accept_registered":
+        return [RelayRequest(f"user@tenant{(i + offset) % TENANTS}.example") for i in range(count)]
+    if kind == "accept_unregistered":
+        return [
+            RelayRequest(f"user@forward{(i + offset) % 50}.example", client_ip="198.51.100.7")
+            for i in range(count)
+        ]
+    return [
+        RelayRequest(f"spam@forged{(i + offset) % 50}.example", client_ip="192.0.2.7")
+        for i in range(count)
+    ]
+
+
+def make_policy(store: StateStore) -> RelayPolicy:
+    return RelayPolicy(MATCHER, CONNECTORS, POLICY, store)
+
+
+def timed(policy: RelayPolicy, batch: Sequence[RelayRequest], expect_accept: bool) -> float:
+    evaluate = policy.evaluate
+    started = time.perf_counter()
+    for request in batch:
+        decision = evaluate(request)
+    elapsed = time.perf_counter() - started
+    assert decision.accepted is expect_accept, decision
+    return len(batch) / elapsed
+
+
+def worker(url: str, kind: str, count: int, offset: int, queue: multiprocessing.Queue[float]) -> None:
+    store = open_store(url)
+    policy = make_policy(store)
+    queue.put(timed(policy, requests(kind, count, offset), kind != "refuse"))
+    store.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", directory],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def measure(name: str, url: str, count: int, repeats: int, processes: int) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for kind, expect in KINDS:
+        samples: list[float] = []
+        for _ in range(repeats):
+            if processes == 1:
+                store = open_store(url)
+                policy = make_policy(store)
+                if kind == "refuse" and policy.status("t0").state.value == "active":
+                    policy.block("t0", by="bench", reason="refuse path")
+                samples.append(timed(policy, requests(kind, count, 0), expect))
+                store.close()
+            else:
+                if kind == "refuse":
+                    with open_store(url) as store:
+                        blocker = make_policy(store)
+                        if blocker.status("t0").state.value == "active":
+                            blocker.block("t0", by="bench", reason="refuse path")
+                context = multiprocessing.get_context("spawn")
+                queue: multiprocessing.Queue[float] = context.Queue()
+                pool = [
+                    context.Process(target=worker, args=(url, kind, count, i * 7919, queue))
+                    for i in range(processes)
+                ]
+                for process in pool:
+                    process.start()
+                rates = [queue.get(timeout=600) for _ in pool]
+                for process in pool:
+                    process.join()
+                samples.append(sum(rates))
+        results[kind] = statistics.median(samples)
+        print(f"  {name:8s} {processes}p {kind:18s} {results[kind]:>12,.0f} decisions/s", flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stores", default="memory,sqlite,redis")
+    args = parser.parse_args(argv)
+    count, repeats = (2000, 3) if args.quick else (20000, 5)
+    stores = args.stores.split(",")
+    print(f"Python {sys.version.split()[0]}; {count} decisions per sample, median of {repeats}")
+    table: list[tuple[str, int, dict[str, float]]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        redis_process: subprocess.Popen[bytes] | None = None
+        try:
+            for name in stores:
+                cleanup: Callable[[], None] = lambda: None  # noqa: E731
+                if name == "memory":
+                    url = "memory:"
+                elif name == "sqlite":
+                    path = os.path.join(scratch, "bench.sqlite3")
+                    url = f"sqlite:{path}"
+
+                    def cleanup(path: str = path) -> None:
+                        for suffix in ("", "-wal", "-shm"):
+                            if os.path.exists(path + suffix):
+                                os.remove(path + suffix)
+
+                elif name == "redis":
+                    if redis_process is None:
+                        redis_process, redis_url = start_redis(scratch)
+                    url = redis_url
+
+                    def cleanup(url: str = url) -> None:
+                        import redis
+
+                        client = redis.Redis.from_url(url)
+                        client.flushall()
+                        client.close()
+
+                else:
+                    raise SystemExit(f"unknown store {name!r}")
+                for processes in (1,) if name == "memory" else (1, 2):
+                    cleanup()
+                    table.append((name, processes, measure(name, url, count, repeats, processes)))
+        finally:
+            if redis_process is not None:
+                redis_process.terminate()
+                redis_process.wait()
+    print()
+    print("| store | processes | accept (registered) | accept (unregistered) | refuse |")
+    print("|---|---:|---:|---:|---:|")
+    for name, processes, results in table:
+        print(
+            f"| {name} | {processes} | {results['accept_registered']:,.0f}/s "
+            f"| {results['accept_unregistered']:,.0f}/s | {results['refuse']:,.0f}/s |"
+        )
+    print("\ntargets (accept path, 1 process): memory >= 200k/s, SQLite >= 10k/s, Redis >= 20k/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,907 @@
+"""Operator commands of the ``domainpolicy`` command line: ``compile``, ``tenant ...`` and ``ndr``.
+
+Importing this module registers the commands into `domainpolicy._cli.COMMANDS`
+(`domainpolicy._cli.build_parser` imports it).  See ``docs/integrations.md`` ("Command line").
+
+* ``compile DOMAINS-FILE -o SNAPSHOT``: compile a large ``domain<TAB>tenant<TAB>flags`` file into
+  a matcher snapshot, reporting counts and every problem with its line number.
+* ``tenant status|history TENANT``: what an operator wants to see about a tenant.
+* ``tenant register-domain|remove-domain|declare-not-ours|connector-created|review-connector|
+  attest|request-unblock|approve|deny|block|suspend TENANT ... --by WHO``: the administrative
+  operations of `RelayPolicy`, applied to the configured (or ``--store``) state store.
+* ``ndr CODE``: the SMTP reply for a code and a non-delivery report built with `build_dsn`.
+
+Exit codes, as for every command: 0 success; 1 refused (invalid input, a transition the block
+state machine refuses, problems in a domains file); 2 usage, configuration or store error.
+Errors are one line on stderr; refusals are the command's output (stdout, ``--json`` too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import re
+import socket
+import sys
+from array import array
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TextIO
+
+from ._blockstate import Block, ChecklistIncomplete, TenantState
+from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, EXIT_USAGE
+from ._config import PolicyConfig, load_config, parse_domains_file
+from ._connectors import InboundConnector
+from ._dsn import build_dsn
+from ._errors import DomainPolicyError, InvalidAddress, InvalidConfiguration, InvalidTransition
+from ._matcher import AcceptedDomain, DomainMatcher, DomainType
+from ._names import parse_address
+from ._policy import RelayPolicy, TenantStatus
+from ._psl import PublicSuffixes
+from ._replies import Reply, ReplyCode
+from ._stores import AuditRecord, StateStore, open_store
+
+__all__: list[str] = []  # nothing public: the commands are registered into _cli.COMMANDS
+
+_ENTRY_RE: Final = re.compile(r"^entry #(\d+) ")
+_ENTRY_PREFIX_RE: Final = re.compile(r"^entry #\d+ \(.*?\): ")
+_PROGRESS_STEP: Final = 65536  # lines between progress-bar redraws (cheap for millions of lines)
+_EXIT_CODES: Final = (
+    "exit codes: 0 ok; 1 refused (invalid input, a refused transition, problems found); "
+    "2 usage, configuration or store error (one line on stderr)"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of *exc* on one line: continuation lines (problem lists) joined by ``;``."""
+    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
+    lines = [line for line in lines if line] or [type(exc).__name__]
+    return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def _error(message: str, code: int = EXIT_USAGE) -> int:
+    """Write one error line on stderr and return *code*."""
+    sys.stderr.write(f"domainpolicy: error: {message}\n")
+    return code
+
+
+def _write(out: TextIO, args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    out.write((json.dumps(record, ensure_ascii=False) if args.json else text) + "\n")
+
+
+def _stamp(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _aware_datetime(text: str) -> datetime.datetime:
+    """argparse type: an ISO 8601 date-time with a time zone (``Z`` allowed)."""
+    try:
+        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date-time") from exc
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +00:00)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a sub-command's default must not overwrite ``tenant --json status ...``.
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="one JSON object per line on stdout",
+    )
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="never show it")
+
+
+class _Progress:
+    """A progress bar on stderr, redrawn every `_PROGRESS_STEP` lines and at the end."""
+
+    def __init__(self, total: int, enabled: bool, what: str) -> None:
+        self.total = max(total, 1)
+        self.enabled = enabled
+        self.what = what
+        self.drawn = False
+
+    def draw(self, done: int) -> int:
+        """Draw the bar at *done* lines; returns the line count at which to draw again."""
+        if self.enabled:
+            percent = min(100, done * 100 // self.total)
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\r[{bar:<25}] {percent:3d}% {done}/{self.total} {self.what}")
+            sys.stderr.flush()
+            self.drawn = True
+        return done + _PROGRESS_STEP
+
+    def finish(self, done: int) -> None:
+        """Draw the final state and end the line."""
+        if self.enabled:
+            self.draw(done)
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- compile
+
+
+class _ReadError(Exception):
+    """The domains file itself could not be read (as opposed to problems in its lines)."""
+
+
+def _count_lines(path: str) -> int:
+    """Lines in *path* (a last line without a newline counts), read as bytes: fast."""
+    count = 0
+    last = b"\n"
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+def _configure_compile(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _EXIT_CODES
+    parser.add_argument(
+        "domains_file",
+        metavar="DOMAINS-FILE",
+        help="accepted domains, one 'domain<TAB>tenant<TAB>flags' per line (flags: "
+        "subdomains and/or one of authoritative, internal_relay, external_relay)",
+    )
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="SNAPSHOT", help="snapshot file to write"
+    )
+    parser.add_argument(
+        "--public-suffix-list",
+        metavar="FILE",
+        help="Public Suffix List file (public_suffix_list.dat format; default: bundled)",
+    )
+    parser.add_argument(
+        "--max-domains-per-tenant",
+        type=_positive_int,
+        metavar="N",
+        help="refuse tenants with more than N entries (default: no limit)",
+    )
+    parser.add_argument(
+        "--tenant", help="tenant of lines that have no tenant column (default: such lines are bad)"
+    )
+    _add_progress(parser)
+
+
+def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
+    source: str = args.domains_file
+    try:
+        suffixes = (
+            PublicSuffixes.from_file(args.public_suffix_list) if args.public_suffix_list else None
+        )
+        total = _count_lines(source)
+    except OSError as exc:
+        return _error(f"cannot read domains file {source!r}: {exc.strerror or exc}")
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    enabled = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _Progress(total, enabled, "lines")
+    problems: list[tuple[int | None, str]] = []
+    line_of = array("L")  # line number of each entry, by its position in the compiled sequence
+    tenants: set[str] = set()
+    last = [0]
+
+    def entries() -> Iterator[AcceptedDomain]:
+        redraw = progress.draw(0) if enabled else total + 1
+        try:
+            for number, item in parse_domains_file(source, tenant=args.tenant):
+                last[0] = number
+                if number >= redraw:
+                    redraw = progress.draw(number)
+                if isinstance(item, str):
+                    problems.append((number, item))
+                    continue
+                line_of.append(number)
+                tenants.add(item.tenant)
+                yield item
+        except InvalidConfiguration as exc:  # unreadable or not UTF-8: not a line problem
+            raise _ReadError(_one_line(exc)) from exc
+
+    matcher: DomainMatcher | None = None
+    try:
+        matcher = DomainMatcher.compile(
+            entries(),
+            public_suffixes=suffixes,
+            max_domains_per_tenant=args.max_domains_per_tenant,
+        )
+    except _ReadError as exc:
+        progress.finish(last[0])
+        return _error(str(exc))
+    except InvalidConfiguration as exc:
+        for problem in exc.problems:
+            found = _ENTRY_RE.match(problem)
+            if found and int(found.group(1)) < len(line_of):
+                problems.append((line_of[int(found.group(1))], problem[found.end() :]))
+            else:
+                problems.append((None, problem))
+    progress.finish(total)
+    problems.sort(key=lambda item: (item[0] is None, item[0] or 0))
+    written = None
+    if matcher is not None and not problems:
+        matcher.save(args.output)  # InvalidSnapshot (cannot write): exit 2 through _cli.main
+        written = args.output
+    record = {
+        "ok": written is not None,
+        "source": source,
+        "snapshot": written,
+        "lines": total,
+        "entries": len(line_of),
+        "compiled": None if matcher is None else len(matcher),
+        "tenants": len(tenants),
+        "problems": [{"line": line, "message": message} for line, message in problems],
+    }
+    text = [
+        f"{source}:{line}: {message}" if line is not None else f"{source}: {message}"
+        for line, message in problems
+    ]
+    text.append(f"{source}: {total} lines, {len(line_of)} entries, {len(tenants)} tenants")
+    if written is not None:
+        assert matcher is not None
+        merged = len(line_of) - len(matcher)
+        text.append(
+            f"wrote {written}: {len(matcher)} accepted domains"
+            + (
+                f" ({merged} identical duplicate{'s' if merged != 1 else ''} merged)"
+                if merged
+                else ""
+            )
+        )
+    else:
+        count = len(problems)
+        text.append(f"{count} problem{'s' if count != 1 else ''}: snapshot not written")
+    _write(out, args, record, "\n".join(text))
+    return EXIT_OK if written is not None else EXIT_INVALID
+
+
+# --------------------------------------------------------------------------- tenant
+
+
+class _Refused(Exception):
+    """A tenant command refused before touching anything (e.g. an unknown tenant)."""
+
+
+def _open_policy(
+    args: argparse.Namespace,
+) -> tuple[PolicyConfig | None, StateStore, RelayPolicy | None]:
+    """Load ``--config`` (if given) and open ``--store`` or the configured store.
+
+    Raises:
+        DomainPolicyError: the configuration or the store URL is unusable.
+    """
+    if args.config is None:  # tenant history: the store is enough
+        return None, open_store(args.store), None
+    config = load_config(args.config)
+    store = open_store(args.store) if args.store is not None else config.open_store()
+    try:
+        return config, store, config.build_policy(store=store)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _check_tenant(tenant: str, config: PolicyConfig | None, store: StateStore) -> None:
+    """Refuse a tenant that is neither configured nor stored: almost always a typo."""
+    if config is not None and (
+        tenant in config.matcher.tenants() or any(c.tenant == tenant for c in config.connector_list)
+    ):
+        return
+    if tenant in store.tenants():
+        return
+    where = "in the configuration or " if config is not None else ""
+    raise _Refused(f"unknown tenant {tenant!r}: not {where}in the state store")
+
+
+def _block_dict(block: Block | None) -> dict[str, Any] | None:
+    if block is None:
+        return None
+    return {
+        "code": block.code.value,
+        "since": block.since,
+        "reason": block.reason,
+        "actor": block.actor,
+        "offending": list(block.offending),
+        "registered": list(block.registered),
+        "declared": list(block.declared),
+        "to_review": list(block.to_review),
+        "reviewed": [
+            {"connector": r.connector, "kept": r.kept, "by": r.by, "at": r.at}
+            for r in block.reviews
+        ],
+        "attested": block.attestation is not None,
+        "request_pending": block.request is not None,
+    }
+
+
+def _domain_text(entry: AcceptedDomain) -> str:
+    flags = []
+    if entry.match_subdomains:
+        flags.append("and subdomains")
+    if entry.domain_type is not DomainType.AUTHORITATIVE:
+        flags.append(entry.domain_type.value)
+    return entry.domain + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _record_lines(record: AuditRecord, indent: str) -> list[str]:
+    who = f" by {record.actor}" if record.actor else ""
+    lines = [f"{indent}{_stamp(record.at)} {record.action}{who}: {record.before} -> {record.after}"]
+    for key, value in record.detail.items():
+        if key == "transitions":
+            lines += [f"{indent}    {t.get('reason')}" for t in value if isinstance(t, dict)]
+        elif key == "alerts":
+            lines += [
+                f"{indent}    alert {a.get('kind')}: {a.get('message')}"
+                for a in value
+                if isinstance(a, dict)
+            ]
+        elif value not in ("", None, []):
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            lines.append(f"{indent}    {key}: {shown}")
+    return lines
+
+
+def _status_text(status: TenantStatus, now: float) -> str:
+    block = status.raw.block
+    state = status.state.value + (f" ({block.code.value})" if block is not None else "")
+    lines = [f"tenant {status.tenant}: {state}"]
+    if block is not None:
+        lines.append(f"  since {_stamp(block.since)}: {block.reason}")
+        if block.request is not None:
+            lines.append(f"  unblock request pending since {_stamp(block.request.at)}")
+    lines.append(
+        f"  window: {status.total} relayed, {status.unregistered} from unregistered domains, "
+        f"{status.distinct_domains} distinct unregistered domains"
+    )
+    if status.probation_until is not None:
+        word = "on probation until" if status.raw.on_probation(now) else "probation ended"
+        lines.append(f"  {word} {_stamp(status.probation_until)}")
+    if status.checklist is not None:
+        if status.checklist.complete:
+            lines.append("  checklist: complete")
+        else:
+            lines.append(f"  checklist: {len(status.checklist.missing)} missing")
+            lines += [f"    - {step}" for step in status.checklist.missing]
+    domains = ", ".join(_domain_text(d) for d in status.accepted_domains) or "(none)"
+    lines.append(f"  accepted domains: {domains}")
+    if status.history:
+        lines.append(f"  recent history ({len(status.history)}):")
+        for record in status.history:
+            lines += _record_lines(record, "    ")
+    return "\n".join(lines)
+
+
+def _tenant_status(args: argparse.Namespace, out: TextIO, policy: RelayPolicy) -> int:
+    status = policy.status(args.tenant, history=args.history)
+    now = policy.store.now()
+    record = {
+        **status.to_dict(),
+        "on_probation": status.raw.on_probation(now),
+        "block": _block_dict(status.raw.block),
+    }
+    _write(out, args, record, _status_text(status, now))
+    return EXIT_OK
+
+
+def _tenant_history(args: argparse.Namespace, out: TextIO, store: StateStore) -> int:
+    records = store.history(args.tenant, limit=args.limit)
+    if args.json:
+        for item in records:
+            out.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
+        return EXIT_OK
+    if not records:
+        out.write(f"tenant {args.tenant}: no history\n")
+    for item in records:
+        out.write("\n".join(_record_lines(item, "")) + "\n")
+    return EXIT_OK
+
+
+# An action: (help, extra arguments, the call on the policy, a note to print on success).
+_Call = Callable[[RelayPolicy, argparse.Namespace, PolicyConfig], TenantState]
+
+
+def _args_domain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--domain", required=True, help="the accepted domain")
+
+
+def _args_register(parser: argparse.ArgumentParser) -> None:
+    _args_domain(parser)
+    parser.add_argument(
+        "--subdomains", action="store_true", help="also accept every name under the domain"
+    )
+    parser.add_argument(
+        "--type",
+        choices=[t.value for t in DomainType],
+        default=DomainType.AUTHORITATIVE.value,
+        help="domain type (default: authoritative)",
+    )
+
+
+def _args_declare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--domain",
+        action="append",
+        required=True,
+        dest="domains",
+        help="an offending domain that is not the tenant's (repeat for several)",
+    )
+    parser.add_argument("--note", default="", help="why, for the audit trail")
+
+
+def _args_connector_created(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connector", required=True, help="the inbound connector's name")
+    parser.add_argument(
+        "--at",
+        type=_aware_datetime,
+        help="when it was created (ISO 8601 with a zone; default: the configured created_at, "
+        "else now)",
+    )
+
+
+def _args_review(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connector", required=True, help="the inbound connector's name")
+    outcome = parser.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--kept", dest="kept", action="store_true", help="it was kept")
+    outcome.add_argument("--removed", dest="kept", action="store_false", help="it was removed")
+
+
+def _args_note(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--note", required=True, help="what was done to secure the server")
+
+
+def _args_request(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--code", required=True, help="the enhanced status code of the block (5.7.750 or 5.7.705)"
+    )
+    parser.add_argument("--evidence", required=True, help="what was done, for support")
+
+
+def _args_reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", required=True, help="why, for the audit trail")
+
+
+def _connector_created(
+    policy: RelayPolicy, args: argparse.Namespace, config: PolicyConfig
+) -> TenantState:
+    known = [
+        c for c in config.connector_list if c.name == args.connector and c.tenant == args.tenant
+    ]
+    connector = known[0] if known else InboundConnector(name=args.connector, tenant=args.tenant)
+    when = args.at.timestamp() if args.at is not None else None
+    if when is None and connector.created_at is not None:
+        when = connector.created_at.timestamp()
+    return policy.connector_created(connector, when=when)
+
+
+_CONFIG_NOTE: Final = (
+    "note: recorded for the remediation checklist; running servers change their accepted "
+    "domains only when the configuration does (edit it and reload them with SIGHUP)"
+)
+
+_ACTIONS: Final[
+    dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], _Call, str | None]]
+] = {
+    "register-domain": (
+        "register an accepted domain (resolves it in the remediation checklist)",
+        _args_register,
+        lambda p, a, c: p.register_domain(
+            a.tenant,
+            a.domain,
+            by=a.by,
+            match_subdomains=a.subdomains,
+            domain_type=DomainType(a.type),
+        ),
+        _CONFIG_NOTE,
+    ),
+    "remove-domain": (
+        "remove an accepted domain (reopens it in the remediation checklist)",
+        _args_domain,
+        lambda p, a, c: p.remove_domain(a.tenant, a.domain, by=a.by),
+        _CONFIG_NOTE,
+    ),
+    "declare-not-ours": (
+        "declare offending domains not the tenant's (forged by the spammer)",
+        _args_declare,
+        lambda p, a, c: p.declare_not_ours(a.tenant, a.domains, by=a.by, note=a.note),
+        None,
+    ),
+    "connector-created": (
+        "record that an inbound connector was created (it must be reviewed after a block)",
+        _args_connector_created,
+        _connector_created,
+        None,
+    ),
+    "review-connector": (
+        "record the review of an inbound connector: kept or removed",
+        _args_review,
+        lambda p, a, c: p.review_connector(a.tenant, a.connector, kept=a.kept, by=a.by),
+        None,
+    ),
+    "attest": (
+        "attest that the tenant's on-premises server is secured",
+        _args_note,
+        lambda p, a, c: p.attest(a.tenant, by=a.by, note=a.note),
+        None,
+    ),
+    "request-unblock": (
+        "ask support to lift the block (refused, listing every missing step, until the "
+        "checklist is complete)",
+        _args_request,
+        lambda p, a, c: p.request_unblock(a.tenant, code=a.code, evidence=a.evidence, by=a.by),
+        None,
+    ),
+    "approve": (
+        "approve the pending unblock request: ACTIVE on probation",
+        _args_reason,
+        lambda p, a, c: p.approve(a.tenant, by=a.by, reason=a.reason),
+        None,
+    ),
+    "deny": (
+        "deny the pending unblock request (the checklist is kept)",
+        _args_reason,
+        lambda p, a, c: p.deny(a.tenant, by=a.by, reason=a.reason),
+        None,
+    ),
+    "block": (
+        "block an ACTIVE tenant from sending from unregistered domains (5.7.750)",
+        _args_reason,
+        lambda p, a, c: p.block(a.tenant, by=a.by, reason=a.reason),
+        None,
+    ),
+    "suspend": (
+        "suspend all relay for the tenant (5.7.705)",
+        _args_reason,
+        lambda p, a, c: p.suspend(a.tenant, by=a.by, reason=a.reason),
+        None,
+    ),
+}
+
+
+def _run_action(
+    args: argparse.Namespace, out: TextIO, policy: RelayPolicy, config: PolicyConfig
+) -> int:
+    name: str = args.tenant_command
+    _, _, call, note = _ACTIONS[name]
+    head = f"{name} {args.tenant} by {args.by}"
+    base = {"action": name, "tenant": args.tenant, "by": args.by}
+    try:
+        state = call(policy, args, config)
+    except ChecklistIncomplete as exc:
+        missing = list(exc.missing)
+        text = [f"{head}: refused: {str(exc).splitlines()[0]}"]
+        text += [f"  missing: {step}" for step in missing]
+        _write(
+            out,
+            args,
+            {"ok": False, **base, "error": _one_line(exc), "missing": missing},
+            "\n".join(text),
+        )
+        return EXIT_INVALID
+    except (InvalidTransition, InvalidConfiguration, InvalidAddress) as exc:
+        # InvalidTransition includes InvalidEvent (a bad or unknown domain, connector, code...);
+        # InvalidConfiguration: the matcher refused a domain (a public suffix, another tenant's).
+        if isinstance(exc, InvalidConfiguration):
+            message = "; ".join(_ENTRY_PREFIX_RE.sub("", p) for p in exc.problems)
+        else:
+            message = _one_line(exc)
+        _write(
+            out,
+            args,
+            {"ok": False, **base, "error": message, "missing": []},
+            f"{head}: refused: {message}",
+        )
+        return EXIT_INVALID
+    checklist = policy.machine.checklist(state) if state.block is not None else None
+    record = {
+        "ok": True,
+        **base,
+        "state": state.state.value,
+        "probation_until": state.probation_until,
+        "checklist": None
+        if checklist is None
+        else {"complete": checklist.complete, "missing": list(checklist.missing)},
+        "block": _block_dict(state.block),
+    }
+    code = f" ({state.block.code.value})" if state.block is not None else ""
+    text = [f"{head}: ok; tenant {args.tenant} is {state.state.value}{code}"]
+    if state.probation_until is not None and state.on_probation(policy.store.now()):
+        text.append(f"  on probation until {_stamp(state.probation_until)}")
+    if checklist is not None:
+        text.append("  checklist: complete" if checklist.complete else "  checklist:")
+        text += [f"    - {step}" for step in checklist.missing]
+    _write(out, args, record, "\n".join(text))
+    if note is not None:  # on stderr, so that --json output stays the documented record
+        sys.stderr.write(f"domainpolicy: {note}\n")
+    return EXIT_OK
+
+
+def _add_tenant_common(parser: argparse.ArgumentParser, *, config_required: bool) -> None:
+    parser.epilog = _EXIT_CODES
+    parser.add_argument("tenant", metavar="TENANT", help="the tenant's id")
+    parser.add_argument(
+        "--config",
+        required=config_required,
+        metavar="FILE",
+        help="tenant configuration (TOML): accepted domains, thresholds, store",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB); "
+        "default: the configured one",
+    )
+    _add_json(parser)
+
+
+def _configure_tenant(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _EXIT_CODES
+    commands = parser.add_subparsers(
+        dest="tenant_command", metavar="ACTION", required=True, parser_class=type(parser)
+    )
+    status = commands.add_parser(
+        "status",
+        help="state, window counts, checklist, probation, accepted domains, recent history",
+        description="Show a tenant's state, counts in the window, remediation checklist, "
+        "probation, accepted domains and recent history.",
+    )
+    _add_tenant_common(status, config_required=True)
+    status.add_argument(
+        "--history",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="audit records to show (default: 10)",
+    )
+    history = commands.add_parser(
+        "history",
+        help="the tenant's audit trail, oldest first",
+        description="Print the tenant's audit trail, oldest first (--config or --store).",
+    )
+    _add_tenant_common(history, config_required=False)
+    history.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="only the newest N records"
+    )
+    for name, (help_text, configure, _, _) in _ACTIONS.items():
+        description = help_text[0].upper() + help_text[1:] + "."
+        sub = commands.add_parser(name, help=help_text, description=description)
+        _add_tenant_common(sub, config_required=True)
+        sub.add_argument("--by", required=True, metavar="WHO", help="who does it (audit trail)")
+        configure(sub)
+
+
+def _cmd_tenant(args: argparse.Namespace, out: TextIO) -> int:
+    if args.config is None and args.store is None:
+        return _error(f"tenant {args.tenant_command} needs --config FILE or --store URL")
+    try:
+        config, store, policy = _open_policy(args)
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        _check_tenant(args.tenant, config, store)
+        if args.tenant_command == "history":
+            return _tenant_history(args, out, store)
+        assert config is not None  # --config is required for every other action
+        assert policy is not None
+        if args.tenant_command == "status":
+            return _tenant_status(args, out, policy)
+        return _run_action(args, out, policy, config)
+    except _Refused as exc:
+        return _error(str(exc), EXIT_INVALID)
+    except DomainPolicyError as exc:  # StoreUnavailable and the like
+        return _error(_one_line(exc))
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------- ndr
+
+
+def _configure_ndr(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = _EXIT_CODES
+    parser.add_argument(
+        "code",
+        metavar="CODE",
+        help="a status (5.7.750) or name (blocked_unregistered) of a reply the policy gives",
+    )
+    parser.add_argument(
+        "--language", default="en", help="language of the report text (en, ja; default: en)"
+    )
+    parser.add_argument(
+        "--sender",
+        default="sender@contoso.com",
+        metavar="ADDR",
+        help="envelope sender of the refused message: the report goes to it",
+    )
+    parser.add_argument(
+        "--recipient",
+        action="append",
+        metavar="ADDR",
+        help="a refused recipient (repeat for several; default: recipient@example.org)",
+    )
+    parser.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="host name appended to the reply in brackets (default: the configured one)",
+    )
+    parser.add_argument(
+        "--reporting-mta",
+        metavar="NAME",
+        help="host writing the report (default: the server name, else this host's name)",
+    )
+    parser.add_argument("--config", metavar="FILE", help="use this configuration's reply texts")
+    parser.add_argument(
+        "--tenant", help="show the reply as this tenant sees it (its overrides, with --config)"
+    )
+    parser.add_argument("--subject", default="Test message", help="Subject of the original")
+    parser.add_argument(
+        "--original",
+        metavar="FILE",
+        help="the refused message (raw RFC 5322) instead of a generated one",
+    )
+    parser.add_argument(
+        "--return-content",
+        choices=["headers", "full", "none"],
+        default="headers",
+        help="how much of the original the report carries (default: headers)",
+    )
+    parser.add_argument(
+        "--date",
+        type=_aware_datetime,
+        metavar="ISO",
+        help="Date of the report and arrival date (ISO 8601 with a zone; default: now)",
+    )
+    parser.add_argument(
+        "--message-id", metavar="<ID@HOST>", help="Message-ID of the report (default: a fresh one)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["reply", "text", "message"],
+        help="print only the reply, the report's readable text or the whole report",
+    )
+
+
+def _original(
+    args: argparse.Namespace, sender: str, recipients: list[str], date: datetime.datetime
+) -> bytes:
+    if args.original is not None:
+        with open(args.original, "rb") as handle:
+            return handle.read()
+    digest = hashlib.sha256(f"{sender} {recipients} {date.isoformat()}".encode()).hexdigest()
+    domain = parse_address(sender).domain or "localhost"
+    subject = " ".join(args.subject.split())
+    lines = [
+        f"Return-Path: <{sender}>",
+        f"From: <{sender}>",
+        f"To: {', '.join(f'<{r}>' for r in recipients)}",
+        f"Subject: {subject}",
+        f"Date: {date.strftime('%a, %d %b %Y %H:%M:%S %z')}",
+        f"Message-ID: <{digest[:24]}@{domain}>",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        "This message was refused.",
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def _cmd_ndr(args: argparse.Namespace, out: TextIO) -> int:
+    if args.tenant is not None and args.config is None:
+        return _error("ndr --tenant needs --config FILE (the tenant's reply texts)")
+    try:
+        config = load_config(args.config) if args.config is not None else None
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        code = ReplyCode.lookup(args.code)
+        reply: Reply
+        if config is not None:
+            reply = config.replies.reply(code, tenant=args.tenant, server_name=args.server_name)
+            server = args.server_name or config.replies.server_name
+        else:
+            reply = code.reply(server_name=args.server_name)
+            server = args.server_name
+        address = parse_address(args.sender)
+        sender = "" if address.is_null else address.mailbox
+        recipients = [parse_address(r).mailbox for r in args.recipient or ["recipient@example.org"]]
+        date = args.date or datetime.datetime.now(datetime.UTC)
+        original = _original(args, sender, recipients, date)
+        message = build_dsn(
+            original,
+            recipients,
+            reply,
+            reporting_mta=args.reporting_mta or server or socket.gethostname(),
+            arrival_date=date,
+            language=args.language,
+            return_content=args.return_content,
+            envelope_sender=sender,
+            message_id=args.message_id,
+            date=date,
+        )
+    except OSError as exc:
+        return _error(f"cannot read {args.original!r}: {exc.strerror or exc}")
+    except DomainPolicyError as exc:  # unknown code, bad address, language, message id...
+        return _error(_one_line(exc), EXIT_INVALID)
+    text_part = None
+    rendered = None
+    if message is not None:
+        for part in message.walk():
+            if part.get_content_type() == "text/plain" and text_part is None:
+                text_part = str(part.get_content())
+        rendered = message.as_bytes().decode("utf-8", "replace").replace("\r\n", "\n")
+    record = {
+        "code": code.name,
+        "status": reply.status,
+        "reply": list(reply.lines()),
+        "language": args.language,
+        "text": text_part,
+        "dsn": rendered,
+    }
+    if text_part is None or rendered is None:
+        none = "(no report is due: the sender is <> or the original is automatic or a report)\n"
+        text_part = rendered = none
+    sections = {
+        "reply": "\n".join(reply.lines()) + "\n",
+        "text": text_part,
+        "message": rendered,
+    }
+    if args.only is not None:
+        body = sections[args.only]
+    elif message is None:
+        body = sections["reply"] + text_part
+    else:
+        body = "\n".join(
+            f"== {title} ==\n{sections[key]}"
+            for key, title in (("reply", "reply"), ("text", "report text"), ("message", "report"))
+        )
+    _write(out, args, record, body.rstrip("\n"))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- registration
+
+COMMANDS["compile"] = (
+    "compile a domain<TAB>tenant<TAB>flags file into a matcher snapshot",
+    _configure_compile,
+    _cmd_compile,
+)
+COMMANDS["tenant"] = (
+    "show and administer a tenant's block state: status, history, remediation, unblock",
+    _configure_tenant,
+    _cmd_tenant,
+)
+COMMANDS["ndr"] = (
+    "print the SMTP reply for a code and the non-delivery report it produces",
+    _configure_ndr,
+    _cmd_ndr,
+)

@@ -1,0 +1,369 @@
+"""``domainpolicy replay``: run a relay log (JSON lines) through the policy, as an MTA would.
+
+Each line is one event with an ``at`` time (ISO 8601 with a zone, or epoch seconds) and an
+``event`` name:
+
+* ``relay``: ``client_ip``, ``sender``, optional ``tls_cert_name``, ``sasl_user``,
+  ``recipients``, ``header_from``, ``message_id`` -- evaluated with `RelayPolicy.evaluate`.
+* admin events, with ``tenant`` and ``by``: ``register_domain`` (``domain``),
+  ``remove_domain`` (``domain``), ``declare_not_ours`` (``domains``), ``connector_created``
+  (``connector``), ``review_connector`` (``connector``, ``kept``), ``attest`` (``note``),
+  ``request_unblock`` (``code``, ``evidence``), ``approve`` / ``deny`` / ``block`` /
+  ``suspend`` (``reason``); and ``status`` (prints the tenant's status).
+
+The policy's clock is the events' time, so a replay is deterministic.  The state lives in a
+fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
+exact SMTP reply; the run ends with every tenant's state and audit trail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from ._blockstate import ChecklistIncomplete
+from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK
+from ._config import load_config
+from ._connectors import InboundConnector
+from ._errors import DomainPolicyError, InvalidConfiguration
+from ._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
+from ._stores import SQLiteStore, StateStore, open_store
+
+__all__: list[str] = []
+
+_ADMIN_EVENTS = frozenset(
+    {
+        "register_domain",
+        "remove_domain",
+        "declare_not_ours",
+        "connector_created",
+        "review_connector",
+        "attest",
+        "request_unblock",
+        "approve",
+        "deny",
+        "block",
+        "suspend",
+        "status",
+    }
+)
+
+
+class _BadEvent(ValueError):
+    pass
+
+
+def _time(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise _BadEvent(f"'at' {value!r} is not an ISO 8601 time") from exc
+        if parsed.tzinfo is None:
+            raise _BadEvent(f"'at' {value!r} has no time zone")
+        return parsed.timestamp()
+    raise _BadEvent("'at' must be an ISO 8601 time or epoch seconds")
+
+
+def _stamp(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _text(event: dict[str, Any], key: str, default: str | None = None) -> str:
+    value = event.get(key, default)
+    if not isinstance(value, str):
+        raise _BadEvent(f"{key!r} must be a string")
+    return value
+
+
+class _Progress:
+    """A progress bar on stderr, by bytes read (cheap for long logs)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = max(total, 1)
+        self.enabled = enabled
+        self.shown = -1
+
+    def update(self, done: int, count: int) -> None:
+        if not self.enabled:
+            return
+        percent = min(100, done * 100 // self.total)
+        if percent != self.shown:
+            self.shown = percent
+            bar = "#" * (percent // 4)
+            sys.stderr.write(f"\r[{bar:<25}] {percent:3d}% {count} events")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.shown >= 0:
+            sys.stderr.write("\n")
+
+
+class _Replay:
+    def __init__(self, policy: RelayPolicy, clock: list[float], out: TextIO, as_json: bool) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.out = out
+        self.as_json = as_json
+        self.counts = {"accepted": 0, "refused": 0, "tempfail": 0, "admin": 0, "rejected": 0}
+
+    def emit(self, record: dict[str, Any], text: str) -> None:
+        self.out.write((json.dumps(record, ensure_ascii=False) if self.as_json else text) + "\n")
+
+    def relay(self, at: float, event: dict[str, Any]) -> None:
+        recipients = event.get("recipients", [])
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise _BadEvent("'recipients' must be an array of strings")
+        request = RelayRequest(
+            sender=_text(event, "sender"),
+            client_ip=event.get("client_ip"),
+            tls_cert_name=event.get("tls_cert_name"),
+            sasl_user=event.get("sasl_user"),
+            recipients=tuple(recipients),
+            header_from=event.get("header_from"),
+            message_id=event.get("message_id"),
+        )
+        decision = self.policy.evaluate(request)
+        self.counts[
+            {"accept": "accepted", "refuse": "refused", "tempfail": "tempfail"}[
+                decision.outcome.value
+            ]
+        ] += 1
+        self._print_decision(at, request, decision)
+
+    def _print_decision(self, at: float, request: RelayRequest, decision: Decision) -> None:
+        reply_lines = decision.reply.lines()
+        record = {
+            "at": _stamp(at),
+            "event": "relay",
+            "message_id": request.message_id,
+            "sender": request.sender,
+            "client_ip": request.client_ip,
+            "tenant": decision.tenant,
+            "outcome": decision.outcome.value,
+            "reason": decision.reason,
+            "counted": decision.counted,
+            "reply": list(reply_lines),
+            "transitions": [
+                {"from": t.source.value, "to": t.target.value, "reason": t.reason}
+                for t in decision.effects.transitions
+            ],
+            "alerts": [
+                {"kind": a.kind.value, "message": a.message} for a in decision.effects.alerts
+            ],
+        }
+        who = decision.tenant or "-"
+        sender = request.sender or "<>"
+        head = f"accepted ({decision.reason})" if decision.accepted else reply_lines[0]
+        text = [f"{_stamp(at)} relay {request.message_id or '-'} {who} {sender} -> {head}"]
+        text += [f"{' ' * 24}{line}" for line in reply_lines[1:]] if not decision.accepted else []
+        for transition in decision.effects.transitions:
+            text.append(
+                f"{' ' * 24}STATE {transition.source.value} -> {transition.target.value}: "
+                f"{transition.reason}"
+            )
+        for alert in decision.effects.alerts:
+            text.append(f"{' ' * 24}ALERT {alert.kind.value}: {alert.message}")
+        self.emit(record, "\n".join(text))
+
+    def admin(self, at: float, name: str, event: dict[str, Any]) -> None:
+        tenant = _text(event, "tenant")
+        by = _text(event, "by", "operator")
+        policy = self.policy
+        actions: dict[str, Callable[[], object]] = {
+            "register_domain": lambda: policy.register_domain(
+                tenant, _text(event, "domain"), by=by
+            ),
+            "remove_domain": lambda: policy.remove_domain(tenant, _text(event, "domain"), by=by),
+            "declare_not_ours": lambda: policy.declare_not_ours(
+                tenant, list(event.get("domains", [])), by=by, note=event.get("note", "")
+            ),
+            "connector_created": lambda: policy.connector_created(
+                InboundConnector(_text(event, "connector"), tenant)
+            ),
+            "review_connector": lambda: policy.review_connector(
+                tenant, _text(event, "connector"), kept=bool(event.get("kept", False)), by=by
+            ),
+            "attest": lambda: policy.attest(tenant, by=by, note=_text(event, "note")),
+            "request_unblock": lambda: policy.request_unblock(
+                tenant, code=_text(event, "code"), evidence=_text(event, "evidence"), by=by
+            ),
+            "approve": lambda: policy.approve(tenant, by=by, reason=_text(event, "reason")),
+            "deny": lambda: policy.deny(tenant, by=by, reason=_text(event, "reason")),
+            "block": lambda: policy.block(tenant, by=by, reason=_text(event, "reason")),
+            "suspend": lambda: policy.suspend(tenant, by=by, reason=_text(event, "reason")),
+        }
+        if name == "status":
+            self.status(policy.status(tenant, history=None), at)
+            return
+        self.counts["admin"] += 1
+        try:
+            actions[name]()
+        except ChecklistIncomplete as exc:
+            self.counts["rejected"] += 1
+            self.emit(
+                {
+                    "at": _stamp(at),
+                    "event": name,
+                    "tenant": tenant,
+                    "ok": False,
+                    "missing": list(exc.missing),
+                },
+                "\n".join(
+                    [f"{_stamp(at)} {name} {tenant} by {by} -> REFUSED: remediation incomplete"]
+                    + [f"{' ' * 24}missing: {step}" for step in exc.missing]
+                ),
+            )
+            return
+        except (DomainPolicyError, ValueError) as exc:
+            self.counts["rejected"] += 1
+            message = str(exc).splitlines()[0]
+            self.emit(
+                {"at": _stamp(at), "event": name, "tenant": tenant, "ok": False, "error": message},
+                f"{_stamp(at)} {name} {tenant} by {by} -> REFUSED: {message}",
+            )
+            return
+        state = policy.store.load(tenant)
+        self.emit(
+            {
+                "at": _stamp(at),
+                "event": name,
+                "tenant": tenant,
+                "ok": True,
+                "state": state.state.value,
+            },
+            f"{_stamp(at)} {name} {tenant} by {by} -> ok, tenant is {state.state.value}",
+        )
+
+    def status(self, status: TenantStatus, at: float | None = None) -> None:
+        lines = [
+            f"{'' if at is None else _stamp(at) + ' '}tenant {status.tenant}: {status.state.value}"
+            f" ({status.unregistered} unregistered of {status.total} relayed in the window, "
+            f"{status.distinct_domains} distinct unregistered domains)"
+        ]
+        if status.probation_until is not None:
+            lines.append(f"  probation until {_stamp(status.probation_until)}")
+        if status.checklist is not None:
+            if status.checklist.complete:
+                lines.append("  checklist: complete")
+            lines += [f"  checklist: missing: {step}" for step in status.checklist.missing]
+        lines.append("  accepted domains: " + ", ".join(d.domain for d in status.accepted_domains))
+        if at is None:
+            lines.append("  audit trail:")
+            for record in status.history:
+                who = f" by {record.actor}" if record.actor else ""
+                lines.append(
+                    f"    {_stamp(record.at)} {record.action}{who}: "
+                    f"{record.before} -> {record.after}"
+                )
+                for transition in record.detail.get("transitions", []):
+                    lines.append(f"      {transition['reason']}")
+        self.emit({"event": "status", **status.to_dict()}, "\n".join(lines))
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("log", help="relay log, one JSON event per line ('-': stdin)")
+    parser.add_argument("--config", required=True, help="tenant configuration (TOML)")
+    parser.add_argument(
+        "--store", help="state store URL (default: a fresh temporary SQLite database)"
+    )
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a TTY)",
+    )
+    progress.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    config = load_config(args.config)
+    clock = [0.0]
+    with tempfile.TemporaryDirectory(prefix="domainpolicy-replay-") as scratch:
+        store: StateStore = (
+            open_store(args.store)
+            if args.store
+            else SQLiteStore(os.path.join(scratch, "state.sqlite3"), synchronous="NORMAL")
+        )
+        try:
+            policy = config.build_policy(store=store, clock=lambda: clock[0])
+            return _replay(args, out, policy, clock)
+        finally:
+            store.close()
+
+
+def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: list[float]) -> int:
+    replay = _Replay(policy, clock, out, args.json)
+    handle: Any
+    if args.log == "-":
+        handle, total = sys.stdin.buffer, 0
+    else:
+        try:
+            handle = open(args.log, "rb")  # noqa: SIM115 - closed below
+            total = os.fstat(handle.fileno()).st_size
+        except OSError as exc:
+            raise InvalidConfiguration([f"cannot read relay log {args.log!r}: {exc}"]) from exc
+    enabled = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _Progress(total, enabled)
+    bad = 0
+    done = 0
+    events = 0
+    try:
+        for number, raw in enumerate(handle, 1):
+            done += len(raw)
+            if not raw.strip():
+                continue
+            events += 1
+            try:
+                event = json.loads(raw)
+                if not isinstance(event, dict):
+                    raise _BadEvent("an event must be a JSON object")
+                at = _time(event.get("at"))
+                if at < clock[0]:
+                    sys.stderr.write(f"line {number}: time goes backwards; using the later time\n")
+                else:
+                    clock[0] = at
+                name = event.get("event")
+                if name == "relay":
+                    replay.relay(clock[0], event)
+                elif name in _ADMIN_EVENTS:
+                    replay.admin(clock[0], str(name), event)
+                else:
+                    raise _BadEvent(f"unknown event {name!r}")
+            except (_BadEvent, ValueError, UnicodeDecodeError) as exc:
+                bad += 1
+                sys.stderr.write(f"domainpolicy: {args.log}:{number}: skipped: {exc}\n")
+            progress.update(done, events)
+    finally:
+        progress.finish()
+        if handle is not sys.stdin.buffer:
+            handle.close()
+    if not args.json:
+        out.write("\n== final state ==\n")
+    tenants = sorted(set(policy.store.tenants()) | set(policy.matcher.tenants()))
+    for tenant in tenants:
+        replay.status(policy.status(tenant, history=None))
+    counts = replay.counts
+    summary = (
+        f"{events} events: {counts['accepted']} accepted, {counts['refused']} refused, "
+        f"{counts['tempfail']} temporary failures, {counts['admin']} admin actions "
+        f"({counts['rejected']} refused), {bad} malformed lines skipped"
+    )
+    replay.emit({"event": "summary", "events": events, "malformed": bad, **counts}, summary)
+    return EXIT_INVALID if bad else EXIT_OK
+
+
+COMMANDS["replay"] = (
+    "run a relay log through the policy and print every decision and the final state",
+    _configure,
+    _run,
+)

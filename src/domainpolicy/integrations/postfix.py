@@ -1,0 +1,1062 @@
+"""Postfix SMTPD access policy delegation: a strict request parser and an asyncio server.
+
+Protocol (``SMTPD_POLICY_README``): Postfix sends ``name=value`` lines ended by an empty line;
+the server answers one ``action=...`` line and an empty line.  One connection carries many
+requests, across many SMTP sessions, so per-message state is keyed on the ``instance``
+attribute (see `InstanceCache`), never on the connection.
+
+Design
+------
+* `parse_request` / `PolicyRequest`: every attribute Postfix 2.1 to 3.12 sends is a field
+  (an absent attribute is ``""``, as Postfix itself sends ``name=`` for empty values); unknown
+  attributes are kept in `PolicyRequest.unknown` and otherwise ignored; ``ccert_*`` values are
+  xtext-decoded (RFC 3461); values are UTF-8 (SMTPUTF8 senders arrive raw), and bytes that are
+  not UTF-8 become U+FFFD so that the policy, not the transport, refuses them.
+* The parser is strict and bounded (`PolicyLimits`): line length, attribute count and request
+  size are capped, attribute names must be ``[A-Za-z0-9_.-]+``, NUL bytes and duplicate
+  attributes are refused, ``request=smtpd_access_policy`` is required.  Lines end with LF
+  alone, as Postfix sends them: a CR is part of the value (and ``\\r\\n`` is not an empty
+  line).
+* A malformed request gets **no reply**: `PolicyServer` logs a warning, counts it and closes
+  the connection, as the protocol requires.  Postfix then reconnects, retries and finally
+  applies ``smtpd_policy_service_default_action``.
+* The handler (`PolicyHandler`) returns the action text.  The server sanitises it
+  (`sanitize_action`: one line of printable ASCII, bounded length) so a handler bug can never
+  inject protocol lines.  A handler that raises or returns a non-string, or that does not answer
+  within ``request_timeout``, gets the fallback action (default ``451 4.3.0 Policy service
+  temporarily unavailable``) instead of a disconnect: the answer is explicit and immediate,
+  Postfix does not retry (which would call the failing handler again and could count the
+  message twice) and the problem is logged and counted.
+* Structured logging: one INFO line per request on ``domainpolicy.integrations.postfix``,
+  ``key=value`` formatted, with the fields also attached as ``record.policy`` (a dict) for JSON
+  formatters.  The handler adds its own fields (tenant, verdict, ...) with `annotate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import ipaddress
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, Generic, TypeVar
+
+import attrs
+
+from domainpolicy._errors import DomainPolicyError, InvalidConfiguration, shown
+
+from ._metrics import MetricsEndpoint, PolicyMetrics
+
+__all__ = [
+    "DEFAULT_FALLBACK_ACTION",
+    "KNOWN_ATTRIBUTES",
+    "InstanceCache",
+    "ListenAddress",
+    "MalformedRequest",
+    "PolicyHandler",
+    "PolicyLimits",
+    "PolicyRequest",
+    "PolicyServer",
+    "ServerSettings",
+    "annotate",
+    "install_signal_handlers",
+    "parse_listen_address",
+    "parse_request",
+    "sanitize_action",
+    "xtext_decode",
+]
+
+_log = logging.getLogger("domainpolicy.integrations.postfix")
+
+DEFAULT_FALLBACK_ACTION: Final = "451 4.3.0 Policy service temporarily unavailable"
+"""Answered when the handler fails or times out: a temporary failure, the client retries."""
+
+KNOWN_ATTRIBUTES: Final = (
+    # Postfix 2.1
+    "request",
+    "protocol_state",
+    "protocol_name",
+    "helo_name",
+    "queue_id",
+    "sender",
+    "recipient",
+    "recipient_count",
+    "client_address",
+    "client_name",
+    "reverse_client_name",
+    "instance",
+    # 2.2
+    "sasl_method",
+    "sasl_username",
+    "sasl_sender",
+    "size",
+    "ccert_subject",
+    "ccert_issuer",
+    "ccert_fingerprint",
+    # 2.3
+    "encryption_protocol",
+    "encryption_cipher",
+    "encryption_keysize",
+    "etrn_domain",
+    # 2.5
+    "stress",
+    # 2.9
+    "ccert_pubkey_fingerprint",
+    # 3.0
+    "client_port",
+    # 3.1
+    "policy_context",
+    # 3.2
+    "server_address",
+    "server_port",
+    # 3.8
+    "compatibility_level",
+    "mail_version",
+    # 3.12
+    "tls_sni",
+)
+"""Every attribute Postfix 2.1 to 3.12 sends; each is a `PolicyRequest` field."""
+
+_XTEXT_ATTRIBUTES: Final = frozenset(a for a in KNOWN_ATTRIBUTES if a.startswith("ccert_"))
+_KNOWN: Final = frozenset(KNOWN_ATTRIBUTES)
+_NAME_RE: Final = re.compile(rb"[A-Za-z0-9_.\-]+\Z")
+_REQUEST_TYPE: Final = "smtpd_access_policy"
+_READ_CHUNK: Final = 65536
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class MalformedRequest(DomainPolicyError, ValueError):
+    """A policy request broke the protocol or a limit; the server disconnects without reply.
+
+    Reason codes: ``missing_equals``, ``bad_name``, ``nul_byte``, ``line_too_long``,
+    ``too_many_attributes``, ``request_too_large``, ``duplicate_attribute``, ``missing_request``,
+    ``unsupported_request``, ``bad_xtext``, ``truncated``, ``trailing_data`` (`parse_request`
+    only), ``read_timeout`` (server only).
+    """
+
+    def __init__(self, value: object, reason: str, detail: str) -> None:
+        """Record the offending *value*, a stable *reason* code and a human *detail*."""
+        self.value = value
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"malformed policy request near {shown(value)}: {detail} [{reason}]")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.value, self.reason, self.detail))
+
+
+# --------------------------------------------------------------------------- limits and values
+
+
+def _positive(_instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise InvalidConfiguration([f"{attribute.name} must be positive, got {shown(value)}"])
+
+
+@attrs.frozen
+class PolicyLimits:
+    """Bounds on what a peer may send in one request (all in octets, ``\\n`` excluded).
+
+    Postfix 3.12 sends about 35 attributes; a long ``ccert_subject`` or ``helo_name`` stays well
+    under 2 KiB.  The defaults leave room for that and stop a hostile peer early.
+    """
+
+    max_line_bytes: int = attrs.field(default=4096, validator=_positive)
+    max_attributes: int = attrs.field(default=100, validator=_positive)
+    max_request_bytes: int = attrs.field(default=32768, validator=_positive)
+
+
+DEFAULT_LIMITS: Final = PolicyLimits()
+
+
+def xtext_decode(text: str) -> str:
+    """Decode RFC 3461 xtext (``+XX`` hex escapes) into text; the octets are read as UTF-8.
+
+    Upper- and lower-case hex digits are accepted; octets that are not UTF-8 become U+FFFD.
+
+    Raises:
+        MalformedRequest: a ``+`` is not followed by two hex digits (reason ``bad_xtext``).
+    """
+    if "+" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    n = len(text)
+    while i < n:
+        char = text[i]
+        if char == "+":
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or not all(c in "0123456789abcdefABCDEF" for c in pair):
+                raise MalformedRequest(
+                    text, "bad_xtext", f"'+' at position {i} is not followed by two hex digits"
+                )
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out += char.encode("utf-8")
+            i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def _frozen_mapping(value: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen(kw_only=True)
+class PolicyRequest:
+    """One parsed Postfix policy request (``request=smtpd_access_policy``).
+
+    Every attribute Postfix 2.1 to 3.12 sends is a string field, ``""`` when absent or empty,
+    kept as sent (numbers such as ``recipient_count`` or ``size`` too), except that ``ccert_*``
+    values are xtext-decoded.  Attributes this module does not know are in `unknown`.
+    """
+
+    request: str = _REQUEST_TYPE
+    protocol_state: str = ""
+    protocol_name: str = ""
+    helo_name: str = ""
+    queue_id: str = ""
+    sender: str = ""
+    recipient: str = ""
+    recipient_count: str = ""
+    client_address: str = ""
+    client_name: str = ""
+    reverse_client_name: str = ""
+    instance: str = ""
+    sasl_method: str = ""
+    sasl_username: str = ""
+    sasl_sender: str = ""
+    size: str = ""
+    ccert_subject: str = ""
+    ccert_issuer: str = ""
+    ccert_fingerprint: str = ""
+    encryption_protocol: str = ""
+    encryption_cipher: str = ""
+    encryption_keysize: str = ""
+    etrn_domain: str = ""
+    stress: str = ""
+    ccert_pubkey_fingerprint: str = ""
+    client_port: str = ""
+    policy_context: str = ""
+    server_address: str = ""
+    server_port: str = ""
+    compatibility_level: str = ""
+    mail_version: str = ""
+    tls_sni: str = ""
+    unknown: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping, hash=False)
+
+    @property
+    def message_key(self) -> str | None:
+        """Key identifying the message this request is about, or None without ``instance``.
+
+        Postfix sends the same ``instance`` for every recipient of one message.  The key also
+        holds the client address and port and the sender, so two Postfix hosts sharing one
+        policy server cannot collide on an ``instance`` string.
+        """
+        if not self.instance:
+            return None
+        return "\x00".join((self.instance, self.client_address, self.client_port, self.sender))
+
+
+def _request_end(buffer: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the empty line ending the request at the start of *buffer*, or -1.
+
+    *start* is where the search for ``\\n\\n`` may begin (data before it was searched already).
+    A request whose first line is empty ends after that line (and is refused when parsed).
+    """
+    if buffer[:1] == b"\n":
+        return 1
+    found = buffer.find(b"\n\n", max(start - 1, 0))
+    return found + 2 if found >= 0 else -1
+
+
+def _parse_block(block: bytes, limits: PolicyLimits) -> PolicyRequest:
+    """Parse one request: its attribute lines and the empty line that ends it.
+
+    *block* ends with ``\\n\\n`` (or is ``\\n``) and holds no other empty line (`_request_end`
+    cut it so).
+    """
+    size = len(block) - 1  # the attribute lines, each with its LF
+    if size > limits.max_request_bytes:
+        raise MalformedRequest(
+            block[:64], "request_too_large", f"request exceeds {limits.max_request_bytes} octets"
+        )
+    body = block[:-2]
+    lines = body.split(b"\n") if body else []
+    if size > limits.max_line_bytes:  # otherwise no line can be too long
+        for line in lines:
+            if len(line) > limits.max_line_bytes:
+                raise MalformedRequest(
+                    line[:64],
+                    "line_too_long",
+                    f"line of {len(line)} octets exceeds {limits.max_line_bytes}",
+                )
+    if len(lines) > limits.max_attributes:
+        raise MalformedRequest(
+            lines[limits.max_attributes].partition(b"=")[0],
+            "too_many_attributes",
+            f"more than {limits.max_attributes} attributes",
+        )
+    if b"\x00" in body:
+        line = next(line for line in lines if b"\x00" in line)
+        raise MalformedRequest(line, "nul_byte", "NUL byte in a request line")
+    attributes: dict[str, bytes] = {}
+    for line in lines:
+        name, equals, value = line.partition(b"=")
+        if not equals:
+            raise MalformedRequest(line, "missing_equals", "a request line must be name=value")
+        if not _NAME_RE.match(name):
+            raise MalformedRequest(
+                name, "bad_name", "attribute names are ASCII letters, digits, '_', '.' and '-'"
+            )
+        key = name.decode("ascii")
+        if key in attributes:
+            raise MalformedRequest(key, "duplicate_attribute", f"attribute {key!r} repeated")
+        attributes[key] = value
+    kind = attributes.get("request")
+    if kind is None:
+        raise MalformedRequest(sorted(attributes)[:8], "missing_request", "no 'request' attribute")
+    if kind != b"smtpd_access_policy":
+        raise MalformedRequest(
+            kind, "unsupported_request", f"only request={_REQUEST_TYPE} is supported"
+        )
+    known: dict[str, str] = {}
+    unknown: dict[str, str] = {}
+    for key, raw in attributes.items():
+        # Values are UTF-8 (SMTPUTF8); other octets become U+FFFD for the policy to refuse.
+        text = raw.decode("utf-8", errors="replace")
+        if key in _KNOWN:
+            known[key] = xtext_decode(text) if key in _XTEXT_ATTRIBUTES else text
+        else:
+            unknown[key] = text
+    return PolicyRequest(**known, unknown=unknown)
+
+
+def parse_request(data: bytes, *, limits: PolicyLimits = DEFAULT_LIMITS) -> PolicyRequest:
+    """Parse one complete request: ``name=value`` lines, each ended by LF, then an empty line.
+
+    *data* must hold exactly one request: the terminating empty line is required and nothing may
+    follow it.  The server applies the same rules to each request it cuts from the stream.
+
+    Raises:
+        MalformedRequest: the request breaks the protocol or a limit of *limits*; ``reason``
+            says which (``truncated`` when the empty line is missing, ``trailing_data`` when
+            something follows it).
+    """
+    end = _request_end(data)
+    if end < 0:
+        raise MalformedRequest(data[-64:], "truncated", "a request must end with an empty line")
+    if end != len(data):
+        raise MalformedRequest(
+            data[end : end + 64],
+            "trailing_data",
+            "data after the empty line that ends the request",
+        )
+    return _parse_block(data, limits)
+
+
+# --------------------------------------------------------------------------- actions
+
+
+_UNSAFE_RE: Final = re.compile(r"[^\x20-\x7e]+")
+_MAX_ACTION_CHARS: Final = 400
+
+
+def sanitize_action(text: str, *, max_chars: int = _MAX_ACTION_CHARS) -> str:
+    """Make *text* safe to send as one ``action=`` line.
+
+    Every run of characters outside printable ASCII (CR, LF, NUL, TAB, other controls, non-ASCII)
+    becomes one space, the result is stripped and cut to *max_chars*.  RFC 5321 reply text is
+    printable ASCII and Postfix neither truncates nor filters what it relays, so the policy
+    server keeps replies within the RFC itself.  Postfix adds ``<rcpt>: Recipient address
+    rejected:`` to the text; keep *max_chars* well under the 512-octet reply line limit.
+    """
+    return _UNSAFE_RE.sub(" ", text).strip()[:max_chars].rstrip()
+
+
+# --------------------------------------------------------------------------- logging fields
+
+
+_LOG_FIELDS: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "domainpolicy_postfix_log_fields", default=None
+)
+
+
+def annotate(**fields: object) -> None:
+    """Add *fields* to the log line of the policy request being answered in this task.
+
+    Call it from a `PolicyHandler` (``annotate(tenant="t1", verdict="blocked")``); outside a
+    request it does nothing.
+    """
+    current = _LOG_FIELDS.get()
+    if current is not None:
+        current.update(fields)
+
+
+_PLAIN_RE: Final = re.compile(r"[A-Za-z0-9_.:@/+\-]*\Z")
+
+
+def _logfmt(fields: Mapping[str, object]) -> str:
+    parts = []
+    for key, value in fields.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        if not text or not _PLAIN_RE.match(text):
+            text = json.dumps(text, ensure_ascii=False)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- listen addresses
+
+
+@attrs.frozen
+class ListenAddress:
+    """Where a server listens: a TCP ``host``/``port`` or a UNIX socket ``path``."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """Parse ``127.0.0.1:10040``, ``inet:127.0.0.1:10040``, ``[::1]:10040`` or ``unix:/path``.
+
+    The host must be an IP address (no name lookups at start-up); port 0 picks a free port.
+
+    Raises:
+        InvalidConfiguration: *text* is not one of these forms.
+    """
+    if text.startswith("unix:"):
+        path = text[5:]
+        if not path.startswith("/"):
+            raise InvalidConfiguration([f"unix socket path in {shown(text)} must be absolute"])
+        return ListenAddress(path=path)
+    rest = text.removeprefix("inet:")
+    if rest.startswith("["):
+        host, bracket, port_text = rest[1:].partition("]:")
+        if not bracket:
+            raise InvalidConfiguration([f"listen address {shown(text)}: expected [IPv6]:PORT"])
+    else:
+        host, colon, port_text = rest.rpartition(":")
+        if not colon:
+            raise InvalidConfiguration([f"listen address {shown(text)}: expected HOST:PORT"])
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise InvalidConfiguration(
+            [f"listen address {shown(text)}: host {shown(host)} is not an IP address"]
+        ) from exc
+    if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
+        raise InvalidConfiguration(
+            [f"listen address {shown(text)}: port {shown(port_text)} is not 0..65535"]
+        )
+    return ListenAddress(host=host, port=int(port_text))
+
+
+# --------------------------------------------------------------------------- server
+
+
+PolicyHandler = Callable[[PolicyRequest], Awaitable[str]]
+"""The seam: an async callable that turns one request into the action text to answer."""
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """Tuning of a `PolicyServer`; the defaults suit ``check_policy_service { ..., timeout=5s }``.
+
+    Attributes:
+        request_timeout: seconds the handler may take before the fallback action is answered;
+            keep it well under Postfix's policy ``timeout`` (``smtpd_policy_service_timeout``).
+        fallback_action: answered when the handler times out, raises or returns nothing usable.
+        max_action_chars: longest action text sent (after sanitising).
+        idle_timeout: an idle connection (between requests) is closed after this many seconds;
+            Postfix's own ``smtpd_policy_service_max_idle`` is 300 s.
+        read_timeout: seconds a peer has to finish a request once its first line arrived.
+        write_timeout: seconds to hand a reply to a peer that does not read.
+        max_connections: connections beyond this are closed at once (and counted).
+        shutdown_grace: seconds `PolicyServer.close` waits for in-flight requests.
+        unix_socket_mode: permissions of a UNIX socket (None: leave them to the umask); the
+            default 0o660 lets the socket's group (put Postfix's user in it) connect.
+        limits: request size limits.
+    """
+
+    request_timeout: float = attrs.field(default=2.0, validator=_positive)
+    fallback_action: str = attrs.field(default=DEFAULT_FALLBACK_ACTION)
+    max_action_chars: int = attrs.field(default=_MAX_ACTION_CHARS, validator=_positive)
+    idle_timeout: float = attrs.field(default=600.0, validator=_positive)
+    read_timeout: float = attrs.field(default=30.0, validator=_positive)
+    write_timeout: float = attrs.field(default=10.0, validator=_positive)
+    max_connections: int = attrs.field(default=1024, validator=_positive)
+    shutdown_grace: float = attrs.field(default=5.0, validator=_positive)
+    unix_socket_mode: int | None = 0o660
+    limits: PolicyLimits = DEFAULT_LIMITS
+
+    @fallback_action.validator
+    def _check_fallback(self, _attribute: attrs.Attribute[str], value: str) -> None:
+        if not value or sanitize_action(value) != value:
+            raise InvalidConfiguration(
+                [f"fallback_action {shown(value)} must be one non-empty line of printable ASCII"]
+            )
+
+
+class _Connection:
+    __slots__ = ("buffer", "busy", "peer", "task")
+
+    def __init__(self, task: asyncio.Task[Any], peer: str) -> None:
+        self.task = task
+        self.peer = peer
+        self.busy = False
+        self.buffer = bytearray()
+
+
+class PolicyServer:
+    """An asyncio server speaking Postfix's SMTPD access policy delegation protocol.
+
+    Example::
+
+        async def handler(request: PolicyRequest) -> str:
+            return "DUNNO"
+
+        server = PolicyServer(handler)
+        await server.start("127.0.0.1:10040")
+        await server.serve_forever()  # until close() is called, e.g. on SIGTERM
+
+    The handler can be swapped atomically with `set_handler` (requests already running finish
+    with the handler they started with); `reload` runs the *reload_hook* given at construction
+    (a failing reload is logged and the old state kept).
+    """
+
+    def __init__(
+        self,
+        handler: PolicyHandler,
+        *,
+        settings: ServerSettings | None = None,
+        metrics: PolicyMetrics | None = None,
+        logger: logging.Logger | None = None,
+        reload_hook: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Create a server answering with *handler*; nothing is bound until `start`."""
+        self._handler = handler
+        self.settings = settings if settings is not None else ServerSettings()
+        self.metrics = metrics if metrics is not None else PolicyMetrics()
+        self.log = logger if logger is not None else _log
+        self._reload_hook = reload_hook
+        self._server: asyncio.Server | None = None
+        self._listen: ListenAddress | None = None
+        self._connections: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self._closed = asyncio.Event()
+        self._metrics_endpoint: MetricsEndpoint | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> ListenAddress:
+        """The address actually bound (a TCP port 0 is replaced by the chosen port).
+
+        Raises:
+            RuntimeError: the server is not started.
+        """
+        if self._server is None or self._listen is None:
+            raise RuntimeError("the policy server is not started")
+        if self._listen.path is not None:
+            return self._listen
+        port: int = self._server.sockets[0].getsockname()[1]
+        return ListenAddress(host=self._listen.host, port=port)
+
+    async def start(self, listen: str | ListenAddress) -> None:
+        """Bind *listen* (see `parse_listen_address`) and start accepting connections.
+
+        Raises:
+            InvalidConfiguration: *listen* cannot be parsed, or a live server already owns the
+                UNIX socket path.
+            RuntimeError: the server was already started.
+            OSError: the address could not be bound.
+        """
+        if self._server is not None:
+            raise RuntimeError("the policy server is already started")
+        address = parse_listen_address(listen) if isinstance(listen, str) else listen
+        limit = self.settings.limits.max_request_bytes + _READ_CHUNK
+        if address.path is not None:
+            _remove_stale_socket(address.path)
+            self._server = await asyncio.start_unix_server(
+                self._serve_connection, path=address.path, limit=limit
+            )
+            if self.settings.unix_socket_mode is not None:
+                os.chmod(address.path, self.settings.unix_socket_mode)
+        else:
+            self._server = await asyncio.start_server(
+                self._serve_connection, address.host, address.port, limit=limit
+            )
+        self._listen = address
+        self.log.info("policy server listening on %s", self.address)
+
+    async def start_metrics(self, host: str = "127.0.0.1", port: int = 0) -> MetricsEndpoint:
+        """Serve `PolicyMetrics.render_prometheus` at ``http://HOST:PORT/metrics`` (loopback).
+
+        Raises:
+            InvalidConfiguration: *host* is not a loopback IP address.
+            OSError: the address could not be bound.
+        """
+        endpoint = MetricsEndpoint(self.metrics.render_prometheus)
+        await endpoint.start(host, port)
+        self._metrics_endpoint = endpoint
+        return endpoint
+
+    async def serve_forever(self) -> None:
+        """Wait until `close` has finished.
+
+        Raises:
+            RuntimeError: the server is not started.
+        """
+        if self._server is None:
+            raise RuntimeError("the policy server is not started")
+        await self._closed.wait()
+
+    async def close(self, grace: float | None = None) -> None:
+        """Shut down gracefully: stop accepting, close idle connections, let requests finish.
+
+        Requests being answered get up to *grace* seconds (default
+        ``settings.shutdown_grace``) to finish and send their reply; connections still open
+        after that are cancelled.  Safe to call more than once.
+        """
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._connections.values()):
+            if not conn.busy:
+                conn.task.cancel()
+        tasks = [c.task for c in self._connections.values()]
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.log.warning(
+                    "policy server: %d connection(s) cancelled after %.1fs grace",
+                    len(pending),
+                    grace,
+                )
+                await asyncio.wait(pending)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._listen is not None and self._listen.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._listen.path)
+        if self._metrics_endpoint is not None:
+            await self._metrics_endpoint.close()
+        self.log.info("policy server closed")
+        self._closed.set()
+
+    async def __aenter__(self) -> PolicyServer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- reload
+
+    def set_handler(self, handler: PolicyHandler) -> None:
+        """Answer every request that starts from now on with *handler* (an atomic swap)."""
+        self._handler = handler
+
+    async def reload(self) -> bool:
+        """Run the reload hook; returns whether it succeeded.
+
+        A failing hook is logged with its traceback and counted; the server keeps serving with
+        what it had.  Without a hook this only logs.
+        """
+        if self._reload_hook is None:
+            self.log.info("policy server: reload requested, nothing to reload")
+            return True
+        try:
+            await self._reload_hook()
+        except Exception:
+            self.metrics.reload_failures += 1
+            self.log.exception("policy server: reload failed, keeping the previous configuration")
+            return False
+        self.metrics.reloads += 1
+        self.log.info("policy server: reloaded")
+        return True
+
+    # ---------------------------------------------------------------- connections
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peer = _peer_name(writer)
+        if self._closing or len(self._connections) >= self.settings.max_connections:
+            self.metrics.connections_refused += 1
+            self.log.warning("policy connection from %s refused: connection limit reached", peer)
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+            return
+        conn_id = next(self._ids)
+        conn = _Connection(task, peer)
+        self._connections[conn_id] = conn
+        self.metrics.connections += 1
+        self.metrics.connections_active += 1
+        try:
+            await self._converse(conn_id, conn, reader, writer)
+        except asyncio.CancelledError:
+            pass  # shutdown of an idle connection, or the grace period ran out
+        except (ConnectionError, OSError) as exc:
+            self.log.debug("policy connection %d from %s lost: %s", conn_id, peer, exc)
+        finally:
+            del self._connections[conn_id]
+            self.metrics.connections_active -= 1
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+
+    async def _converse(
+        self,
+        conn_id: int,
+        conn: _Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        settings = self.settings
+        while not self._closing:
+            try:
+                request = await self._read_request(reader, conn)
+            except MalformedRequest as exc:
+                self.metrics.count_malformed(exc.reason)
+                self.log.warning(
+                    "policy connection %d from %s: %s; disconnecting without reply",
+                    conn_id,
+                    conn.peer,
+                    exc,
+                )
+                return
+            if request is None:
+                return
+            conn.busy = True
+            action = await self._answer(conn_id, request)
+            writer.write(b"action=" + action.encode("ascii") + b"\n\n")
+            try:
+                async with asyncio.timeout(settings.write_timeout):
+                    await writer.drain()
+            except TimeoutError:
+                self.log.warning(
+                    "policy connection %d from %s does not read replies; disconnecting",
+                    conn_id,
+                    conn.peer,
+                )
+                return
+            finally:
+                conn.busy = False
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, conn: _Connection
+    ) -> PolicyRequest | None:
+        """Cut the next request from the connection's buffer, reading as needed.
+
+        Returns None on a clean end of stream or an idle timeout between requests.  Reading is
+        done in chunks (one await per segment, not per line); the buffer never holds more than
+        one maximal request plus one chunk.
+        """
+        settings = self.settings
+        limits = settings.limits
+        buffer = conn.buffer
+        searched = 0
+        deadline: float | None = None
+        while True:
+            end = _request_end(buffer, searched)
+            if end > 0:
+                block = bytes(buffer[:end])
+                del buffer[:end]
+                return _parse_block(block, limits)
+            if len(buffer) > limits.max_request_bytes + 1:
+                raise MalformedRequest(
+                    bytes(buffer[:64]),
+                    "request_too_large",
+                    f"request exceeds {limits.max_request_bytes} octets",
+                )
+            searched = len(buffer)
+            if not buffer:
+                try:
+                    async with asyncio.timeout(settings.idle_timeout):
+                        chunk = await reader.read(_READ_CHUNK)
+                except TimeoutError:
+                    self.log.debug("policy connection from %s idle, closing", conn.peer)
+                    return None
+            else:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + settings.read_timeout
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await reader.read(_READ_CHUNK)
+                except TimeoutError as exc:
+                    raise MalformedRequest(
+                        bytes(buffer[:64]),
+                        "read_timeout",
+                        f"request not completed within {settings.read_timeout}s",
+                    ) from exc
+            if not chunk:
+                if buffer:
+                    raise MalformedRequest(
+                        bytes(buffer[:64]), "truncated", "end of stream inside a request"
+                    )
+                return None
+            buffer += chunk
+
+    async def _answer(self, conn_id: int, request: PolicyRequest) -> str:
+        settings = self.settings
+        handler = self._handler
+        fields: dict[str, object] = {}
+        token = _LOG_FIELDS.set(fields)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            async with asyncio.timeout(settings.request_timeout) as deadline:
+                raw: object = await handler(request)
+            if not isinstance(raw, str):
+                raise TypeError(f"policy handler returned {shown(raw)}, not a string")
+        except Exception as exc:
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                outcome = "timeout"
+                self.metrics.timeouts += 1
+                self.log.warning(
+                    "policy handler timed out after %ss (instance=%s); answering %r",
+                    settings.request_timeout,
+                    request.instance,
+                    settings.fallback_action,
+                )
+            else:
+                outcome = "error"
+                self.metrics.handler_errors += 1
+                self.log.exception(
+                    "policy handler failed (instance=%s); answering %r",
+                    request.instance,
+                    settings.fallback_action,
+                )
+            action = settings.fallback_action
+        else:
+            action = sanitize_action(raw, max_chars=settings.max_action_chars)
+            if action != raw:
+                self.metrics.sanitised += 1
+                self.log.warning("policy handler action %s sanitised to %r", shown(raw), action)
+            if not action:
+                outcome = "error"
+                action = settings.fallback_action
+        finally:
+            _LOG_FIELDS.reset(token)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(action, elapsed)
+        if self.log.isEnabledFor(logging.INFO):
+            record: dict[str, object] = {
+                "conn": conn_id,
+                "state": request.protocol_state,
+                "instance": request.instance,
+                "client_address": request.client_address,
+                "sasl_username": request.sasl_username,
+                "sender": request.sender,
+                "recipient": request.recipient,
+            }
+            record.update(fields)
+            record.update(action=action, outcome=outcome, latency_ms=elapsed * 1000.0)
+            self.log.info("policy %s", _logfmt(record), extra={"policy": record})
+        return action
+
+
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer) if peer else "unix"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a UNIX socket left behind by a dead server; refuse to steal a live one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidConfiguration([f"{shown(path)} exists and is not a socket"])
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise InvalidConfiguration([f"another server is listening on unix:{path}"])
+
+
+# --------------------------------------------------------------------------- signals
+
+
+SignalCallback = Callable[[], object]
+
+
+def install_signal_handlers(
+    loop: asyncio.AbstractEventLoop,
+    on_reload: SignalCallback,
+    on_shutdown: SignalCallback,
+    *,
+    reload_signals: Iterable[signal.Signals] = (signal.SIGHUP,),
+    shutdown_signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> Callable[[], None]:
+    """Call *on_reload* on SIGHUP and *on_shutdown* on SIGTERM/SIGINT, inside *loop*.
+
+    The callbacks take no argument and may return an awaitable (typically
+    ``server.reload`` and ``server.close``), which is run as a task.  Returns a function that
+    removes the handlers again.  UNIX only (uses `asyncio.loop.add_signal_handler`).
+    """
+    tasks: set[asyncio.Future[object]] = set()
+
+    def fire(callback: SignalCallback, name: str) -> None:
+        _log.info("received %s", name)
+        result = callback()
+        if isinstance(result, Awaitable):
+            task = asyncio.ensure_future(result)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    installed: list[signal.Signals] = []
+    for signals, callback in ((reload_signals, on_reload), (shutdown_signals, on_shutdown)):
+        for sig in signals:
+            loop.add_signal_handler(sig, fire, callback, sig.name)
+            installed.append(sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+# --------------------------------------------------------------------------- per-message cache
+
+
+T = TypeVar("T")
+
+
+class _ComputeFailed(Exception):
+    """Internal: the computation another caller was running failed; compute again."""
+
+
+class InstanceCache(Generic[T]):
+    """A bounded LRU with TTL, holding the first decision made for each message.
+
+    Postfix asks once per recipient; the policy must count once per message.  Key the cache on
+    `PolicyRequest.message_key` and later recipients of the same message get the first answer
+    without a second count::
+
+        cache: InstanceCache[str] = InstanceCache()
+
+        async def handler(request: PolicyRequest) -> str:
+            key = request.message_key
+            if key is None:
+                return await decide(request)
+            return await cache.get_or_compute(key, lambda: decide(request))
+
+    Concurrent callers with the same key share one computation.  A computation that raises
+    (or is cancelled) is not cached: the next caller computes again.
+    """
+
+    def __init__(
+        self,
+        maxsize: int = 100_000,
+        ttl: float = 3600.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Keep at most *maxsize* entries, each for *ttl* seconds as measured by *clock*.
+
+        Raises:
+            InvalidConfiguration: *maxsize* or *ttl* is not positive.
+        """
+        if maxsize <= 0 or not ttl > 0:
+            raise InvalidConfiguration(
+                [f"InstanceCache needs a positive maxsize and ttl, got {maxsize!r}, {ttl!r}"]
+            )
+        self.maxsize = maxsize
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, T]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> T | None:
+        """The value stored for *key*, or None if absent or expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires <= self._clock():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: T) -> None:
+        """Store *value* for *key* (replacing any), evicting the least recently used entry."""
+        self._entries[key] = (self._clock() + self.ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.maxsize:
+            self._entries.popitem(last=False)
+
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[T]]) -> T:
+        """Return the cached value for *key*, or await *compute()* once and cache its result.
+
+        Raises:
+            Exception: whatever *compute* raises (then nothing is cached).
+        """
+        while True:
+            cached = self.get(key)
+            if cached is not None:
+                return cached
+            pending = self._pending.get(key)
+            if pending is None:
+                break
+            try:
+                return await asyncio.shield(pending)
+            except _ComputeFailed:
+                continue
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            value = await compute()
+        except BaseException:
+            future.set_exception(_ComputeFailed())
+            future.exception()  # mark retrieved: nobody may be waiting
+            raise
+        else:
+            self.put(key, value)
+            future.set_result(value)
+            return value
+        finally:
+            del self._pending[key]

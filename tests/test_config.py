@@ -1,0 +1,147 @@
+"""TOML configuration: the bundled example loads, and every problem is reported at once."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from domainpolicy import InvalidConfiguration, State
+from domainpolicy._config import load_config, parse_domains_file
+from domainpolicy._policy import RelayRequest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_bundled_example_loads() -> None:
+    """examples/tenants.toml gives the matcher, connectors, thresholds and replies it declares."""
+    config = load_config(EXAMPLES / "tenants.toml")
+    assert config.matcher.tenant_of("Bücher.Example") == "contoso"
+    assert config.matcher.tenant_of("mail.contoso.co.uk") == "contoso"
+    assert config.matcher.tenant_of("eu.fabrikam.com") == "fabrikam"
+    assert config.connectors.attribute("198.51.100.9") == "contoso"
+    assert config.connectors.attribute("2001:db8:100::1") == "contoso"
+    assert config.block_policy.message_limit == 20
+    assert config.replies.server_name == "mx1.relay.example.net"
+    assert config.store_url == f"sqlite:{EXAMPLES.resolve() / 'domainpolicy-example.sqlite3'}"
+    assert config.relay == {"null_sender": "accept", "count": "messages"}
+
+
+def test_build_policy_uses_the_configured_store(tmp_path: Path) -> None:
+    """A copy of the example keeps its SQLite state next to the copy."""
+    shutil.copy(EXAMPLES / "tenants.toml", tmp_path / "tenants.toml")
+    config = load_config(tmp_path / "tenants.toml")
+    policy = config.build_policy()
+    try:
+        policy.block("contoso", by="ops", reason="test")
+        assert (tmp_path / "domainpolicy-example.sqlite3").exists()
+        assert (
+            policy.evaluate(RelayRequest("x@spam.example", client_ip="198.51.100.1"))
+            .reply.lines()[0]
+            .startswith("550-5.7.750")
+        )
+    finally:
+        policy.store.close()
+    again = load_config(tmp_path / "tenants.toml").build_policy()
+    try:
+        assert again.status("contoso").state is State.BLOCKED
+    finally:
+        again.store.close()
+
+
+BROKEN = """
+colour = "blue"
+[store]
+url = 42
+[policy]
+message_limit = -3
+bogus = 1
+[relay]
+count = "bytes"
+[replies.texts]
+NO_SUCH_CODE = "x"
+[tenants.a]
+domains = ["a.example", "co.uk", { domain = "b.example", type = "nonsense" }, 7]
+extra = true
+[tenants.b]
+domains = ["a.example"]
+[[connectors]]
+name = "c1"
+tenant = "a"
+sender_ip_ranges = ["10.0.0.1/8"]
+tls_cert_names = ["mail.elsewhere.example"]
+"""
+
+
+def test_every_problem_reported_at_once_with_its_key(tmp_path: Path) -> None:
+    """A broken file raises one InvalidConfiguration naming each problem and where it is."""
+    path = tmp_path / "broken.toml"
+    path.write_text(BROKEN, encoding="utf-8")
+    with pytest.raises(InvalidConfiguration) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    for where in (
+        "colour:",
+        "store.url:",
+        "policy.bogus:",
+        "relay.count:",
+        "replies:",
+        "tenants.a.extra:",
+        "tenants.a.domains[1]:",
+        "tenants.a.domains[2]:",
+        "tenants.a.domains[3]:",
+        "tenants.b.domains[0]:",
+        "connectors[0].sender_ip_ranges[0]:",
+    ):
+        assert where in text, where
+    assert info.value.source == str(path)
+    assert str(path) in str(info.value)
+
+
+def test_domains_file_problems_carry_line_numbers(tmp_path: Path) -> None:
+    """Problems in a domains file are reported as file:line."""
+    domains = tmp_path / "domains.tsv"
+    domains.write_text(
+        "# domain\ttenant\tflags\n"
+        "big.example\tt1\tsubdomains\n"
+        "\n"
+        "bad_domain.example\tt1\n"
+        "x.example\tt2\tsubdomains,internal_relay\n"
+        "y.example\tt2\twhatever\n"
+        "big.example\tt2\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "c.toml").write_text('domains_file = "domains.tsv"\n', encoding="utf-8")
+    with pytest.raises(InvalidConfiguration) as info:
+        load_config(tmp_path / "c.toml")
+    problems = info.value.problems
+    assert any(p.startswith(f"{domains}:4:") for p in problems)
+    assert any(p.startswith(f"{domains}:6:") and "bad flags" in p for p in problems)
+    assert any(p.startswith(f"{domains}:7:") and "already claimed" in p for p in problems)
+    assert len(problems) == 3
+
+
+def test_parse_domains_file_flags(tmp_path: Path) -> None:
+    """Flags set match_subdomains and the domain type; a per-tenant file may omit the tenant."""
+    domains = tmp_path / "d.tsv"
+    domains.write_text("a.example\n b.example\t\tsubdomains,external_relay\n", encoding="utf-8")
+    entries = [entry for _, entry in parse_domains_file(domains, tenant="t")]
+    assert [(e.domain, e.tenant, e.match_subdomains, e.domain_type.value) for e in entries] == [  # type: ignore[union-attr]
+        ("a.example", "t", False, "authoritative"),
+        ("b.example", "t", True, "external_relay"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [("[store\n", "not valid TOML"), (None, "cannot read")],
+)
+def test_unreadable_or_invalid_toml(tmp_path: Path, content: str | None, needle: str) -> None:
+    """A missing file or bad TOML is one clear configuration error."""
+    path = tmp_path / "c.toml"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(InvalidConfiguration) as info:
+        load_config(path)
+    assert needle in str(info.value)

@@ -1,0 +1,396 @@
+"""The relay policy facade: attribution, sender checks, counting, replies and failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from domainpolicy import (
+    AcceptedDomain,
+    BlockMachine,
+    BlockPolicy,
+    ChecklistIncomplete,
+    ConnectorTable,
+    DomainMatcher,
+    Effects,
+    InboundConnector,
+    InvalidConfiguration,
+    MemoryStore,
+    ReplyCatalog,
+    ReplyCode,
+    SQLiteStore,
+    State,
+    StateStore,
+    StoreUnavailable,
+    TenantState,
+)
+from domainpolicy._policy import ACCEPTED_REPLY, Outcome, RelayPolicy, RelayRequest
+from domainpolicy._stores import Mutation
+from domainpolicy.testing import addresses, hostile_text
+
+NOW = 1_800_000_000.0
+POLICY = BlockPolicy(message_limit=5, domain_limit=4, max_tracked_domains=20)
+MATCHER = DomainMatcher.compile(
+    [
+        AcceptedDomain("contoso.com", "contoso"),
+        AcceptedDomain("bücher.example", "contoso"),
+        AcceptedDomain("contoso.co.uk", "contoso", match_subdomains=True),
+        AcceptedDomain("fabrikam.com", "fabrikam"),
+    ]
+)
+CONNECTORS = ConnectorTable.compile(
+    [
+        InboundConnector(
+            "contoso-onprem",
+            "contoso",
+            sender_ip_ranges=(ipaddress.ip_network("198.51.100.0/24"),),
+            tls_cert_names=("mail.contoso.com",),
+        )
+    ],
+    MATCHER,
+)
+ONPREM = "198.51.100.7"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def make(store: StateStore | None = None, **options: Any) -> RelayPolicy:
+    return RelayPolicy(
+        MATCHER, CONNECTORS, POLICY, store or MemoryStore(), clock=Clock(), **options
+    )
+
+
+CASES = [
+    # (sender, client ip, outcome, reason, tenant, status)
+    ("alice@contoso.com", None, Outcome.ACCEPT, "accepted_domain", "contoso", "2.1.0"),
+    ("<Alice@Mail.Contoso.CO.UK.>", None, Outcome.ACCEPT, "accepted_domain", "contoso", "2.1.0"),
+    ("ü@BÜCHER.example", None, Outcome.ACCEPT, "accepted_domain", "contoso", "2.1.0"),
+    ("x@forwarded.example", ONPREM, Outcome.ACCEPT, "unregistered_allowed", "contoso", "2.1.0"),
+    ("carol@fabrikam.com", ONPREM, Outcome.ACCEPT, "unregistered_allowed", "contoso", "2.1.0"),
+    ("x@forwarded.example", "192.0.2.1", Outcome.REFUSE, "no_tenant", None, "5.7.64"),
+    ("x@evilcontoso.com", None, Outcome.REFUSE, "no_tenant", None, "5.7.64"),
+    ("a@@b", ONPREM, Outcome.REFUSE, "bad_sender", "contoso", "5.1.7"),
+    ("not an address", None, Outcome.REFUSE, "bad_sender", None, "5.1.7"),
+    ("x@[192.0.2.1]", ONPREM, Outcome.REFUSE, "address_literal", "contoso", "5.7.64"),
+    ("<>", None, Outcome.ACCEPT, "null_sender", None, "2.1.0"),
+    ("", ONPREM, Outcome.ACCEPT, "null_sender", "contoso", "2.1.0"),
+]
+
+
+@pytest.mark.parametrize(("sender", "ip", "outcome", "reason", "tenant", "status"), CASES)
+def test_decisions(
+    sender: str, ip: str | None, outcome: Outcome, reason: str, tenant: str | None, status: str
+) -> None:
+    """Each path through the steps gives its outcome, reason, tenant and reply."""
+    decision = make().evaluate(RelayRequest(sender, client_ip=ip))
+    assert (decision.outcome, decision.reason, decision.tenant) == (outcome, reason, tenant)
+    assert decision.reply.status == status
+    assert decision.accepted is (outcome is Outcome.ACCEPT)
+
+
+def test_certificate_name_attributes_the_tenant() -> None:
+    """A TLS certificate name of the tenant's connector attributes mail from any IP."""
+    decision = make().evaluate(
+        RelayRequest(
+            "x@forwarded.example", client_ip="203.0.113.5", tls_cert_name="mail.contoso.com"
+        )
+    )
+    assert (decision.tenant, decision.registered, decision.counted) == ("contoso", False, True)
+
+
+def test_invalid_client_ip_falls_back_to_sender_domain() -> None:
+    """A client IP that is not an address is ignored; the sender's domain attributes the mail."""
+    decision = make().evaluate(RelayRequest("alice@contoso.com", client_ip="not-an-ip"))
+    assert (decision.outcome, decision.tenant) == (Outcome.ACCEPT, "contoso")
+
+
+def test_null_sender_refused_by_option() -> None:
+    """null_sender='refuse' refuses <> unless a connector attributes it."""
+    policy = make(null_sender="refuse")
+    assert policy.evaluate(RelayRequest("<>")).reply.status == "5.7.64"
+    assert policy.evaluate(RelayRequest("<>", client_ip=ONPREM)).accepted
+
+
+def test_block_at_the_crossing_message_and_registered_mail_still_flows() -> None:
+    """Unregistered mail is accepted up to the limit, the crossing message is refused with
+    5.7.750 and blocks the tenant; accepted-domain mail still flows; other tenants unaffected."""
+    policy = make()
+    decisions = [
+        policy.evaluate(RelayRequest(f"s@spam{i % 3}.example", client_ip=ONPREM))
+        for i in range(POLICY.message_limit + 3)
+    ]
+    assert [d.accepted for d in decisions] == [True] * POLICY.message_limit + [False] * 3
+    crossing = decisions[POLICY.message_limit]
+    assert str(crossing.reply) == (
+        "550 5.7.750 Service unavailable. Client blocked from sending from unregistered domains"
+    )
+    assert crossing.reason == "blocked"
+    assert [t.target for t in crossing.effects.transitions] == [State.BLOCKED]
+    assert policy.evaluate(RelayRequest("ceo@contoso.com", client_ip=ONPREM)).accepted
+    assert policy.evaluate(RelayRequest("carol@fabrikam.com")).accepted
+    assert policy.status("contoso").state is State.BLOCKED
+
+
+def test_suspended_tenant_refuses_all_relay_with_5_7_705() -> None:
+    """An operator suspension refuses even accepted-domain mail with 5.7.705."""
+    policy = make()
+    policy.suspend("contoso", by="ops", reason="abuse")
+    decision = policy.evaluate(RelayRequest("alice@contoso.com"))
+    assert (decision.outcome, decision.reason) == (Outcome.REFUSE, "suspended")
+    assert str(decision.reply) == "550 5.7.705 Access denied, tenant has exceeded threshold"
+
+
+def test_count_recipients_weights_by_recipient_count() -> None:
+    """count='recipients' counts every envelope recipient."""
+    policy = make(count="recipients")
+    policy.evaluate(
+        RelayRequest("x@spam.example", client_ip=ONPREM, recipients=("a@x.example", "b@x.example"))
+    )
+    assert policy.status("contoso").unregistered == 2
+
+
+def test_tenant_reply_override_and_server_name() -> None:
+    """Replies come from the catalogue: tenant overrides and the server name apply."""
+    replies = ReplyCatalog(server_name="mx1.example.net").with_text(
+        ReplyCode.BLOCKED_UNREGISTERED,
+        "{default}\nSee https://help.example.net/c",
+        tenant="contoso",
+    )
+    policy = make(replies=replies)
+    policy.block("contoso", by="ops", reason="test")
+    decision = policy.evaluate(RelayRequest("x@spam.example", client_ip=ONPREM))
+    assert decision.reply.lines() == (
+        "550-5.7.750 Service unavailable. Client blocked from sending from unregistered domains",
+        "550 5.7.750 See https://help.example.net/c [mx1.example.net]",
+    )
+
+
+class FailingStore(StateStore):
+    """A store whose backend is down: every call raises StoreUnavailable."""
+
+    kind = "failing"
+
+    def observe(
+        self, machine: BlockMachine, tenant: str, now: float, **kw: Any
+    ) -> tuple[TenantState, Effects]:
+        raise StoreUnavailable("backend down")
+
+    def apply(
+        self, tenant: str, mutation: Mutation, now: float, **kw: Any
+    ) -> tuple[TenantState, Effects]:
+        raise StoreUnavailable("backend down")
+
+    def load(self, tenant: str) -> TenantState:
+        raise StoreUnavailable("backend down")
+
+    def history(self, tenant: str, *, limit: int | None = None) -> list[Any]:
+        raise StoreUnavailable("backend down")
+
+    def tenants(self) -> list[str]:
+        raise StoreUnavailable("backend down")
+
+
+def test_store_failure_is_a_temporary_failure_never_an_accept() -> None:
+    """A failing store gives 451 4.3.0 (tempfail) for every counted message."""
+    policy = make(FailingStore())
+    for sender in ("alice@contoso.com", "x@spam.example"):
+        decision = policy.evaluate(RelayRequest(sender, client_ip=ONPREM))
+        assert decision.outcome is Outcome.TEMPFAIL
+        assert decision.reply.code == 451
+        assert decision.reply.status == "4.3.0"
+        assert not decision.counted
+
+
+def test_fail_open_only_by_explicit_choice() -> None:
+    """fail_open=True accepts uncounted when the store fails, and says so."""
+    decision = make(FailingStore(), fail_open=True).evaluate(
+        RelayRequest("x@spam.example", client_ip=ONPREM)
+    )
+    assert (decision.outcome, decision.reason, decision.counted) == (
+        Outcome.ACCEPT,
+        "store_unavailable_fail_open",
+        False,
+    )
+
+
+def test_closed_sqlite_store_gives_tempfail(tmp_path: Path) -> None:
+    """A real SQLite store that became unusable gives 451, not an exception."""
+    store = SQLiteStore(tmp_path / "s.db")
+    policy = make(store)
+    store.close()
+    assert policy.evaluate(RelayRequest("alice@contoso.com")).outcome is Outcome.TEMPFAIL
+
+
+def test_remediation_flow_unblocks_on_probation() -> None:
+    """Request refused while steps are missing; after every step and approval: probation."""
+    policy = make()
+    for i in range(POLICY.message_limit + 1):
+        policy.evaluate(RelayRequest(f"s@spam{i % 2}.example", client_ip=ONPREM))
+    policy.connector_created(InboundConnector("rogue", "contoso"))
+    with pytest.raises(ChecklistIncomplete) as info:
+        policy.request_unblock("contoso", code="5.7.750", evidence="please", by="admin")
+    assert len(info.value.missing) == 3
+    policy.register_domain("contoso", "spam0.example", by="admin")
+    policy.declare_not_ours("contoso", ["spam1.example"], by="admin")
+    policy.review_connector("contoso", "rogue", kept=False, by="admin")
+    policy.attest("contoso", by="admin", note="rebuilt")
+    status = policy.status("contoso")
+    assert status.checklist is not None
+    assert status.checklist.complete
+    policy.request_unblock("contoso", code="5.7.750", evidence="fixed", by="admin")
+    policy.approve("contoso", by="support", reason="verified")
+    status = policy.status("contoso")
+    assert status.state is State.ACTIVE
+    assert status.probation_until is not None
+    assert (
+        policy.evaluate(RelayRequest("x@spam0.example", client_ip=ONPREM)).reason
+        == "accepted_domain"
+    )
+    actions = [r.action for r in status.history]
+    assert actions[0] == "observe"
+    assert actions[-2:] == ["request_unblock", "approve"]
+    assert status.to_dict()["state"] == "active"
+
+
+def test_register_domain_swaps_the_matcher_copy_on_write() -> None:
+    """register_domain makes the domain accepted at once without touching the old matcher."""
+    policy = make()
+    old = policy.matcher
+    policy.register_domain("fabrikam", "fabrikam.net", by="admin")
+    assert policy.evaluate(RelayRequest("a@fabrikam.net")).tenant == "fabrikam"
+    assert old.tenant_of("fabrikam.net") is None
+    policy.remove_domain("fabrikam", "fabrikam.net", by="admin")
+    assert policy.evaluate(RelayRequest("a@fabrikam.net")).reason == "no_tenant"
+    with pytest.raises(InvalidConfiguration):
+        policy.remove_domain("fabrikam", "fabrikam.net", by="admin")
+    with pytest.raises(InvalidConfiguration):
+        policy.register_domain("fabrikam", "contoso.com", by="admin")
+
+
+def test_reload_swaps_configuration() -> None:
+    """reload() swaps the matcher atomically."""
+    policy = make()
+    policy.reload(matcher=DomainMatcher.compile([AcceptedDomain("new.example", "contoso")]))
+    assert policy.evaluate(RelayRequest("a@new.example")).accepted
+    assert policy.evaluate(RelayRequest("a@fabrikam.com")).reason == "no_tenant"
+
+
+def test_evaluate_async_shares_the_logic() -> None:
+    """evaluate_async gives the same decision as evaluate."""
+    decision = asyncio.run(make().evaluate_async(RelayRequest("alice@contoso.com")))
+    assert decision.reason == "accepted_domain"
+    assert decision.reply == ACCEPTED_REPLY
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"null_sender": "maybe"},
+        {"count": "bytes"},
+    ],
+)
+def test_bad_options_are_configuration_errors(options: Mapping[str, Any]) -> None:
+    """Unknown options raise InvalidConfiguration listing the problem."""
+    with pytest.raises(InvalidConfiguration):
+        make(**options)
+
+
+def test_wrong_argument_types_are_configuration_errors() -> None:
+    """Passing something that is not a matcher raises InvalidConfiguration, not TypeError."""
+    with pytest.raises(InvalidConfiguration) as info:
+        RelayPolicy("contoso.com", store="memory:")  # type: ignore[arg-type]
+    assert len(info.value.problems) == 2
+
+
+@given(
+    sender=st.one_of(hostile_text(max_size=300), addresses()),
+    ip=st.one_of(st.none(), st.just(ONPREM), st.text(max_size=40)),
+    cert=st.one_of(st.none(), st.text(max_size=40), st.just("mail.contoso.com")),
+)
+@settings(max_examples=200)
+def test_evaluate_never_raises(sender: str, ip: str | None, cert: str | None) -> None:
+    """No request makes evaluate raise; every decision carries a valid reply."""
+    decision = make().evaluate(RelayRequest(sender, client_ip=ip, tls_cert_name=cert))
+    assert decision.reply.code in (250, 451, 501, 550)
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """Drives the facade with relay traffic and admin events, checking its promises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.policy = RelayPolicy(MATCHER, CONNECTORS, POLICY, MemoryStore(), clock=self.clock)
+        self.unregistered_sent = 0
+
+    @rule(domain=st.sampled_from(["contoso.com", "bücher.example", "x.contoso.co.uk"]))
+    def registered(self, domain: str) -> None:
+        decision = self.policy.evaluate(RelayRequest(f"a@{domain}", client_ip=ONPREM))
+        state = self.policy.status("contoso").state
+        if state is State.SUSPENDED:
+            assert decision.reason == "suspended"
+        else:
+            assert decision.accepted, decision
+
+    @rule(n=st.integers(0, 9))
+    def unregistered(self, n: int) -> None:
+        before = self.policy.status("contoso").state
+        decision = self.policy.evaluate(RelayRequest(f"s@spam{n}.example", client_ip=ONPREM))
+        self.unregistered_sent += 1
+        assert decision.counted
+        if before is not State.ACTIVE:
+            assert not decision.accepted
+        if decision.accepted:
+            assert self.policy.status("contoso").state is State.ACTIVE
+
+    @rule()
+    def operator_block(self) -> None:
+        if self.policy.status("contoso").state is State.ACTIVE:
+            self.policy.block("contoso", by="ops", reason="test")
+
+    @precondition(lambda self: self.policy.status("contoso").state is not State.ACTIVE)
+    @rule()
+    def remediate_and_approve(self) -> None:
+        status = self.policy.status("contoso")
+        block = status.raw.block
+        assert block is not None
+        pending = [d for d in block.offending if d not in block.registered + block.declared]
+        if pending:
+            self.policy.declare_not_ours("contoso", pending, by="admin")
+        if status.state is not State.UNBLOCK_REQUESTED:
+            if block.attestation is None:
+                self.policy.attest("contoso", by="admin", note="clean")
+            self.policy.request_unblock(
+                "contoso", code=block.code.value, evidence="fixed", by="admin"
+            )
+        self.policy.approve("contoso", by="support", reason="ok")
+        assert self.policy.status("contoso").state is State.ACTIVE
+
+    @rule()
+    def fabrikam_unaffected(self) -> None:
+        assert self.policy.evaluate(RelayRequest("c@fabrikam.com")).accepted
+
+    @invariant()
+    def counts_are_sane(self) -> None:
+        status = self.policy.status("contoso")
+        assert 0 <= status.unregistered <= status.total
+        assert status.unregistered <= self.unregistered_sent
+
+
+TestPolicyMachine = PolicyMachine.TestCase
+TestPolicyMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)

@@ -1,0 +1,139 @@
+"""The main job: replaying the bundled compromise log through the policy."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from domainpolicy import State, open_store
+from domainpolicy._cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ARGS = ["replay", str(EXAMPLES / "compromise.jsonl"), "--config", str(EXAMPLES / "tenants.toml")]
+
+
+def run(*extra: str) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main([*ARGS, *extra], out=out)
+    return code, out.getvalue()
+
+
+def test_replay_tells_the_whole_story() -> None:
+    """Tolerated relay, the block at the crossing message, remediation, approval, probation."""
+    code, text = run()
+    assert code == EXIT_OK
+    lines = text.splitlines()
+    crossing = next(i for i, line in enumerate(lines) if " m-0019 " in line)
+    assert lines[crossing].endswith(
+        "-> 550-5.7.750 Service unavailable. Client blocked from sending from unregistered domains"
+    )
+    assert (
+        "550 5.7.750 See https://support.relay.example.net/unblock?tenant=contoso"
+        in lines[crossing + 1]
+    )
+    assert "STATE active -> blocked" in lines[crossing + 2]
+    assert any(" m-0018 " in line and "accepted (unregistered_allowed)" in line for line in lines)
+    assert any(
+        " m-0032 " in line and "ceo@contoso.com -> accepted (accepted_domain)" in line
+        for line in lines
+    )
+    assert any(
+        "request_unblock contoso" in line and "REFUSED: remediation incomplete" in line
+        for line in lines
+    )
+    assert any("approve contoso" in line and "ok, tenant is active" in line for line in lines)
+    assert any(" m-0044 " in line and "accepted (unregistered_allowed)" in line for line in lines)
+    assert "tenant contoso: active" in text
+    assert "probation until 2026-11-09T11:00:00Z" in text
+    assert "550 5.7.64 TenantAttribution; Relay Access Denied [mx1.relay.example.net]" in text
+    assert "501 5.1.7 Bad sender address syntax [mx1.relay.example.net]" in text
+    assert lines[-1].startswith("54 events: 21 accepted, 24 refused")
+
+
+def test_replay_is_deterministic() -> None:
+    """Two replays print exactly the same thing (the clock is the log's)."""
+    assert run() == run()
+
+
+def test_replay_json_output() -> None:
+    """--json prints one object per event, then each tenant's status and a summary."""
+    code, text = run("--json")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert code == EXIT_OK
+    crossing = next(r for r in records if r.get("message_id") == "m-0019")
+    assert crossing["outcome"] == "refuse"
+    assert crossing["reason"] == "blocked"
+    assert crossing["transitions"] == [
+        {"from": "active", "to": "blocked", "reason": crossing["transitions"][0]["reason"]}
+    ]
+    statuses = {
+        r["tenant"]: r
+        for r in records
+        if r.get("event") == "status" and "history" in r and "total" in r
+    }
+    assert statuses["contoso"]["state"] == "active"
+    assert records[-1]["event"] == "summary"
+    assert records[-1]["malformed"] == 0
+
+
+def test_replay_with_a_persistent_store(tmp_path: Path) -> None:
+    """--store keeps the state: the tenant's audit trail is in the named SQLite file."""
+    url = f"sqlite:{tmp_path / 'state.db'}"
+    code, _ = run("--store", url)
+    assert code == EXIT_OK
+    with open_store(url) as store:
+        assert store.load("contoso").state is State.ACTIVE
+        actions = [record.action for record in store.history("contoso")]
+    assert actions[:2] == ["create_connector", "observe"]
+    assert actions[-1] == "approve"
+
+
+def test_missing_log_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A log file that does not exist is one line on stderr and exit code 2."""
+    code = main(
+        ["replay", "/nonexistent.jsonl", "--config", str(EXAMPLES / "tenants.toml")],
+        out=io.StringIO(),
+    )
+    assert code == EXIT_USAGE
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_malformed_lines_are_skipped_and_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Bad lines are reported with their line number, the rest replays, exit code 1."""
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        '{"at": "2026-11-02T08:00:00Z", "event": "relay", "sender": "alice@contoso.com"}\n'
+        "not json\n"
+        '{"at": "yesterday", "event": "relay", "sender": "a@contoso.com"}\n'
+        '{"at": "2026-11-02T08:01:00Z", "event": "teleport"}\n'
+        '{"at": "2026-11-02T08:02:00Z", "event": "relay", "sender": "bob@contoso.com"}\n',
+        encoding="utf-8",
+    )
+    out = io.StringIO()
+    code = main(["replay", str(log), "--config", str(EXAMPLES / "tenants.toml")], out=out)
+    assert code == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"{log}:2: skipped" in err
+    assert f"{log}:3: skipped" in err
+    assert f"{log}:4: skipped: unknown event 'teleport'" in err
+    assert out.getvalue().count("accepted (accepted_domain)") == 2
+
+
+def test_readme_main_command_runs() -> None:
+    """The console script runs the bundled replay end to end (exit 0)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "domainpolicy", *ARGS, "--no-progress"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tenant contoso: active" in result.stdout
