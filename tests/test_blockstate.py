@@ -694,3 +694,25 @@ def test_checklist_incomplete_pickles() -> None:
         M.request_unblock(blocked(), NOW, code="5.7.750", evidence="e")
     again = pickle.loads(pickle.dumps(info.value))
     assert again.missing == info.value.missing
+
+
+def test_operator_block_evidence_describes_the_window_at_that_time() -> None:
+    """Evidence of a block on an idle tenant spans the hour before now, never before 1970."""
+    machine = BlockMachine(BlockPolicy())
+    _state, effects = machine.operator_block(
+        TenantState.new("t"), 1_800_000_000.0, by="ops", reason="r"
+    )
+    evidence = effects.transitions[0].evidence
+    assert evidence.window_end >= 1_800_000_000.0
+    assert evidence.window_start == evidence.window_end - 3600.0
+    assert (evidence.total, evidence.unregistered) == (0, 0)
+
+
+def test_evidence_leaves_out_buckets_expired_since_the_last_observation() -> None:
+    """Counts from more than a window ago are not evidence for a block now."""
+    machine = BlockMachine(BlockPolicy())
+    state = TenantState.new("t")
+    state, _ = machine.observe(state, 1_800_000_000.0, registered=False, registrable="x.example")
+    _, effects = machine.operator_block(state, 1_800_000_000.0 + 7200, by="ops", reason="r")
+    assert effects.transitions[0].evidence.unregistered == 0
+    assert state.window.unregistered == 1  # the stored window itself is untouched

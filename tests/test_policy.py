@@ -394,3 +394,57 @@ class PolicyMachine(RuleBasedStateMachine):
 
 TestPolicyMachine = PolicyMachine.TestCase
 TestPolicyMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_reload_connectors_resets_cached_attribution() -> None:
+    """Attribution is cached per client; reloading connectors takes effect at once."""
+    policy = make()
+    assert (
+        policy.evaluate(RelayRequest("x@fwd.example", client_ip="203.0.113.5")).reason
+        == "no_tenant"
+    )
+    moved = ConnectorTable.compile(
+        [InboundConnector("new", "fabrikam", sender_ip_ranges=("203.0.113.0/24",))], MATCHER
+    )
+    policy.reload(connectors=moved)
+    assert (
+        policy.evaluate(RelayRequest("x@fwd.example", client_ip="203.0.113.5")).tenant == "fabrikam"
+    )
+
+
+def test_reload_replies_resets_cached_decisions() -> None:
+    """Cached refusals pick up new reply texts after reload(replies=...)."""
+    policy = make()
+    policy.block("contoso", by="ops", reason="test")
+    first = policy.evaluate(RelayRequest("x@spam.example", client_ip=ONPREM))
+    assert policy.evaluate(RelayRequest("x@spam.example", client_ip=ONPREM)) is first
+    policy.reload(replies=ReplyCatalog(server_name="mx9.example.net"))
+    again = policy.evaluate(RelayRequest("x@spam.example", client_ip=ONPREM))
+    assert str(again.reply).endswith("[mx9.example.net]")
+
+
+def test_unhashable_request_fields_do_not_crash() -> None:
+    """A careless caller passing a list as certificate name still gets a decision."""
+    careless: Any = ["x"]
+    decision = make().evaluate(
+        RelayRequest("alice@contoso.com", client_ip=ONPREM, tls_cert_name=careless)
+    )
+    assert decision.reply.code in (250, 451)
+
+
+def test_remove_domain_registered_elsewhere_is_recorded() -> None:
+    """A domain registered on the checklist by another process can be removed again here."""
+    policy = make()
+    for i in range(POLICY.message_limit + 1):
+        policy.evaluate(RelayRequest(f"x@spam{i % 2}.example", client_ip=ONPREM))
+    other = RelayPolicy(MATCHER, CONNECTORS, POLICY, policy.store, clock=Clock())
+    other.store.apply(
+        "contoso",
+        lambda s, now: other.machine.register_domain(s, now, "spam0.example"),
+        NOW,
+        action="register_domain",
+    )
+    assert "spam0.example" in policy.status("contoso").raw.block.registered  # type: ignore[union-attr]
+    state = policy.remove_domain("contoso", "spam0.example", by="admin")
+    assert state.block is not None
+    assert "spam0.example" not in state.block.registered

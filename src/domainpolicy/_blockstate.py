@@ -1064,10 +1064,19 @@ class BlockMachine:
 
     # ----------------------------------------------------------------- effects helpers
 
-    def evidence(self, state: TenantState) -> Evidence:
-        """The window of *state* as `Evidence` (counts, span, a sorted sample of domains)."""
+    def evidence(self, state: TenantState, now: float | None = None) -> Evidence:
+        """The window of *state* as `Evidence` (counts, span, a sorted sample of domains).
+
+        With *now*, the window is described as it stands at *now*: buckets that have expired
+        since the last observation are left out (on a copy; *state* is not changed).
+        """
         window = state.window
         size = self.policy.bucket_seconds
+        if now is not None:
+            bucket = int(now / self._bucket)
+            if bucket > window.head:
+                window = window.copy()
+                window.advance(bucket, self._buckets)
         return Evidence(
             window_start=float((window.head - self._buckets + 1) * size),
             window_end=float((window.head + 1) * size),
@@ -1078,7 +1087,7 @@ class BlockMachine:
         )
 
     def _warning(self, state: TenantState, now: float) -> Effects:
-        evidence = self.evidence(state)
+        evidence = self.evidence(state, now)
         limits = self.policy.limits(probation=state.on_probation(now))
         alert = Alert(
             AlertKind.APPROACHING_LIMIT,
@@ -1114,7 +1123,7 @@ class BlockMachine:
         new = attrs.evolve(
             state, state=target, window=state.window if window is None else window, **changes
         )
-        evidence = self.evidence(new)
+        evidence = self.evidence(new, now)
         record = Transition(
             state.tenant, state.state, target, event, reason, now, actor, note, evidence
         )
@@ -1130,7 +1139,7 @@ class BlockMachine:
             since=now,
             reason=reason,
             actor=actor,
-            evidence=self.evidence(state),
+            evidence=self.evidence(state, now),
             offending=tuple(sorted(state.window.domains)),
             to_review=tuple(sorted({c for c, at in state.connectors if at >= lookback})),
         )

@@ -246,7 +246,7 @@ def _register_commands() -> None:
 
 
 # Modules that register further commands; kept as names so importing _cli stays cheap.
-_COMMAND_MODULES: tuple[str, ...] = ("._cli_replay", "._cli_admin")
+_COMMAND_MODULES: tuple[str, ...] = ("._cli_replay", "._cli_admin", "._cli_serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,7 @@ from ._blockstate import (
 from ._connectors import ConnectorTable, InboundConnector
 from ._errors import DomainPolicyError, InvalidAddress, InvalidConfiguration, shown
 from ._matcher import AcceptedDomain, DomainMatcher, DomainType
-from ._names import NormalizedDomain, parse_address
+from ._names import NormalizedDomain, normalize_domain, parse_address
 from ._psl import PublicSuffixes, default_public_suffixes
 from ._replies import Reply, ReplyCatalog, ReplyCode
 from ._stores import AuditRecord, MemoryStore, StateStore
@@ -190,6 +190,8 @@ class TenantStatus:
         }
 
 
+_HOT_CACHE_SIZE: Final = 65536
+
 _VERDICT_REPLY: Final = {
     Verdict.REFUSE_UNREGISTERED: (ReplyCode.BLOCKED_UNREGISTERED, "blocked"),
     Verdict.REFUSE_THRESHOLD: (ReplyCode.TENANT_SUSPENDED, "suspended"),
@@ -265,6 +267,13 @@ class RelayPolicy:
         self._suffixes = public_suffixes or default_public_suffixes()
         self._on_alert = on_alert
         self._reply_cache: dict[tuple[ReplyCode, str | None], Reply] = {}
+        # Hot-path caches, bounded and cleared when full (values are immutable):
+        # registrable domain of a sender domain (a Public Suffix List walk costs microseconds),
+        # and decisions whose effects are the machine's shared constants (nothing happened
+        # besides counting), so the common accept and refuse paths allocate nothing.
+        self._registrable: dict[str, str] = {}
+        self._attributed: dict[tuple[str, str | None], str | None] = {}
+        self._decisions: dict[tuple[object, ...], Decision] = {}
 
     # ------------------------------------------------------------------ configuration
 
@@ -291,9 +300,11 @@ class RelayPolicy:
                 self._matcher = matcher
             if connectors is not None:
                 self._connectors = connectors
+                self._attributed = {}
             if replies is not None:
                 self.replies = replies
                 self._reply_cache = {}
+                self._decisions = {}
 
     def reply(self, code: ReplyCode, tenant: str | None = None) -> Reply:
         """The reply for *code* as *tenant* sees it (cached; the catalogue is immutable)."""
@@ -310,11 +321,10 @@ class RelayPolicy:
         return Decision(outcome, self.reply(code, tenant), reason, tenant, **fields)
 
     def evaluate(self, request: RelayRequest) -> Decision:
-        """Decide one relayed message.  Never raises for any request: every failure, including
-        a failing store, becomes a decision (see the module documentation for the steps).
+        """Decide one relayed message.
 
-        Raises:
-            Nothing.
+        Never raises, whatever the request: every failure, including a failing store or a bug,
+        becomes a decision (see the module documentation for the steps).
         """
         try:
             return self._evaluate(request)
@@ -323,13 +333,10 @@ class RelayPolicy:
             return self._refuse(ReplyCode.STORE_UNAVAILABLE, "internal_error", None)
 
     def _evaluate(self, request: RelayRequest) -> Decision:
-        matcher, connectors = self._matcher, self._connectors
+        matcher = self._matcher
         tenant: str | None = None
-        if connectors is not None and request.client_ip is not None:
-            try:
-                tenant = connectors.attribute(request.client_ip, request.tls_cert_name)
-            except InvalidAddress:
-                log.warning("ignoring invalid client IP %r", request.client_ip)
+        if self._connectors is not None and request.client_ip is not None:
+            tenant = self._attribute(request.client_ip, request.tls_cert_name)
         try:
             sender = parse_address(request.sender)
         except InvalidAddress:
@@ -347,7 +354,7 @@ class RelayPolicy:
                 return self._refuse(ReplyCode.RELAY_DENIED, "no_tenant", None, sender_domain=domain)
             tenant = owner.tenant
         registered = owner is not None and owner.tenant == tenant
-        registrable = None if registered else (self._suffixes.registrable(domain) or domain)
+        registrable = None if registered else self._registrable_of(domain)
         weight = max(1, len(request.recipients)) if self.count == "recipients" else 1
         try:
             _, effects = self.store.observe(
@@ -378,23 +385,65 @@ class RelayPolicy:
             )
         if effects.alerts:
             self._alert(effects)
+        plain = not effects.transitions and not effects.alerts
+        if plain:
+            key = (effects.decision, tenant, domain, registered)
+            found = self._decisions.get(key)
+            if found is not None:
+                return found
         verdict = effects.decision
         if verdict is None or verdict.accepted:
             reason = "accepted_domain" if registered else "unregistered_allowed"
-            return Decision(
+            decision = Decision(
                 Outcome.ACCEPT, ACCEPTED_REPLY, reason, tenant, domain, registered, True, effects
             )
-        code, reason = _VERDICT_REPLY[verdict]
-        return Decision(
-            Outcome.REFUSE,
-            self.reply(code, tenant),
-            reason,
-            tenant,
-            domain,
-            registered,
-            True,
-            effects,
-        )
+        else:
+            code, reason = _VERDICT_REPLY[verdict]
+            decision = Decision(
+                Outcome.REFUSE,
+                self.reply(code, tenant),
+                reason,
+                tenant,
+                domain,
+                registered,
+                True,
+                effects,
+            )
+        if plain:
+            if len(self._decisions) >= _HOT_CACHE_SIZE:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def _attribute(self, client_ip: str, tls_cert_name: str | None) -> str | None:
+        key = (client_ip, tls_cert_name)
+        try:
+            return self._attributed[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable value from a careless caller: do not cache it
+            key = None  # type: ignore[assignment]
+        connectors = self._connectors
+        assert connectors is not None
+        try:
+            tenant = connectors.attribute(client_ip, tls_cert_name)
+        except InvalidAddress:
+            log.warning("ignoring invalid client IP %r", client_ip)
+            tenant = None
+        if key is not None:
+            if len(self._attributed) >= _HOT_CACHE_SIZE:
+                self._attributed.clear()
+            self._attributed[key] = tenant
+        return tenant
+
+    def _registrable_of(self, domain: NormalizedDomain) -> str:
+        found = self._registrable.get(domain)
+        if found is None:
+            found = self._suffixes.registrable(domain) or domain
+            if len(self._registrable) >= _HOT_CACHE_SIZE:
+                self._registrable.clear()
+            self._registrable[domain] = found
+        return found
 
     def _alert(self, effects: Effects) -> None:
         for alert in effects.alerts:
@@ -407,10 +456,7 @@ class RelayPolicy:
 
     async def evaluate_async(self, request: RelayRequest) -> Decision:
         """`evaluate` for asyncio MTAs: the same logic, run in a worker thread so that store
-        I/O never blocks the event loop.
-
-        Raises:
-            Nothing.
+        I/O never blocks the event loop.  Never raises, like `evaluate`.
         """
         return await asyncio.to_thread(self.evaluate, request)
 
@@ -498,8 +544,19 @@ class RelayPolicy:
         with self._lock:
             entries = [e for e in self._matcher.domains_of(tenant) if e.domain == domain]
             if not entries:
-                raise InvalidConfiguration(
-                    [f"domain {domain!r} is not an accepted domain of tenant {tenant!r}"]
+                # Registered earlier through the checklist only (e.g. by another process, the
+                # CLI) but not in this process's configuration: record the removal all the same.
+                block = self.store.load(tenant).block
+                if block is None or normalize_domain(domain) not in block.registered:
+                    raise InvalidConfiguration(
+                        [f"domain {domain!r} is not an accepted domain of tenant {tenant!r}"]
+                    )
+                return self._apply(
+                    tenant,
+                    "remove_domain",
+                    by,
+                    {"domain": domain},
+                    lambda s, now: self.machine.remove_domain(s, now, domain),
                 )
             updated = self._matcher.with_changes(remove=entries)
             state = self._apply(
