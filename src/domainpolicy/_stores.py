@@ -159,6 +159,43 @@ def audit_records(
     ]
 
 
+def observe_and_audit(
+    machine: BlockMachine,
+    state: TenantState,
+    now: float,
+    *,
+    registered: bool,
+    registrable: str | None,
+    weight: int,
+) -> tuple[TenantState, Effects, list[AuditRecord]]:
+    """Apply one observation to *state* (consumed, see `BlockMachine.observe`); return the new
+    state, the effects and the audit records to store with it (none unless the state changed)."""
+    before = state.state
+    new, effects = machine.observe(
+        state, now, registered=registered, registrable=registrable, weight=weight
+    )
+    records = audit_records(state.tenant, now, "observe", None, {}, before, new.state, effects)
+    return new, effects, records
+
+
+def apply_and_audit(
+    state: TenantState,
+    mutation: Mutation,
+    now: float,
+    *,
+    action: str,
+    actor: str | None,
+    detail: Mapping[str, Any] | None,
+) -> tuple[TenantState, Effects, list[AuditRecord]]:
+    """Run an administrative event on *state*; return the new state, the effects and its audit
+    record.  Raises what the machine raises (`InvalidTransition`) with nothing changed."""
+    new, effects = mutation(state, now)
+    records = audit_records(
+        state.tenant, now, action, actor, detail or {}, state.state, new.state, effects
+    )
+    return new, effects, records
+
+
 def _transition_dict(transition: Transition) -> dict[str, Any]:
     return {
         "event": transition.event.value,
@@ -284,18 +321,15 @@ class MemoryStore(StateStore):
             state = self._states.get(tenant)
             if state is None:
                 state = TenantState.new(tenant)
-            before = state.state
             # observe() validates its arguments before counting anything; at worst a refused
             # observation has moved the window's head forward, which expires nothing the next
             # observation at that time would not have expired too.
-            new, effects = machine.observe(
-                state, now, registered=registered, registrable=registrable, weight=weight
+            new, effects, records = observe_and_audit(
+                machine, state, now, registered=registered, registrable=registrable, weight=weight
             )
             self._states[tenant] = new
-            if effects.transitions:
-                self._audit.setdefault(tenant, []).extend(
-                    audit_records(tenant, now, "observe", None, {}, before, new.state, effects)
-                )
+            if records:
+                self._audit.setdefault(tenant, []).extend(records)
             return new, effects
 
     def apply(
@@ -310,13 +344,11 @@ class MemoryStore(StateStore):
     ) -> tuple[TenantState, Effects]:
         with self._lock:
             state = self._states.get(tenant) or TenantState.new(tenant)
-            new, effects = mutation(state, now)
-            self._states[tenant] = new
-            self._audit.setdefault(tenant, []).extend(
-                audit_records(
-                    tenant, now, action, actor, detail or {}, state.state, new.state, effects
-                )
+            new, effects, records = apply_and_audit(
+                state, mutation, now, action=action, actor=actor, detail=detail
             )
+            self._states[tenant] = new
+            self._audit.setdefault(tenant, []).extend(records)
             return new, effects
 
     def load(self, tenant: str) -> TenantState:
@@ -542,14 +574,8 @@ class SQLiteStore(StateStore):
     ) -> tuple[TenantState, Effects]:
         with self._transaction() as db:
             version, state = self._read(db, tenant)
-            before = state.state
-            new, effects = machine.observe(
-                state, now, registered=registered, registrable=registrable, weight=weight
-            )
-            records = (
-                audit_records(tenant, now, "observe", None, {}, before, new.state, effects)
-                if effects.transitions
-                else []
+            new, effects, records = observe_and_audit(
+                machine, state, now, registered=registered, registrable=registrable, weight=weight
             )
             self._write(db, tenant, version, new, now, records)
             return new, effects
@@ -566,9 +592,8 @@ class SQLiteStore(StateStore):
     ) -> tuple[TenantState, Effects]:
         with self._transaction() as db:
             version, state = self._read(db, tenant)
-            new, effects = mutation(state, now)
-            records = audit_records(
-                tenant, now, action, actor, detail or {}, state.state, new.state, effects
+            new, effects, records = apply_and_audit(
+                state, mutation, now, action=action, actor=actor, detail=detail
             )
             self._write(db, tenant, version, new, now, records)
             return new, effects
