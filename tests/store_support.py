@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from domainpolicy import BlockMachine, BlockPolicy, StateStore, open_store
+from redis_support import redis_url
 
 StoreUrl = Callable[[Path], str]
 
@@ -27,6 +28,7 @@ def sqlite_url(tmp_path: Path) -> str:
 STORE_KINDS: dict[str, tuple[StoreUrl, bool]] = {
     "memory": (memory_url, False),
     "sqlite": (sqlite_url, True),
+    "redis": (redis_url, True),
 }
 
 SMALL_POLICY = BlockPolicy(
@@ -34,7 +36,9 @@ SMALL_POLICY = BlockPolicy(
 )
 
 
-def worker(url: str, tenant: str, count: int, threads: int, results: multiprocessing.Queue[object]) -> None:
+def worker(
+    url: str, tenant: str, count: int, threads: int, results: multiprocessing.Queue[object]
+) -> None:
     """Observe *count* unregistered messages from *threads* threads; report accepted/refused."""
     import threading
 

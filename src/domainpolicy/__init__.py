@@ -79,6 +79,20 @@ from ._stores import AuditRecord, MemoryStore, Mutation, SQLiteStore, StateStore
 
 __version__ = "0.1.0.dev0"
 
+
+def __getattr__(name: str) -> object:
+    """``domainpolicy.RedisStore``, imported on first use (it needs the ``redis`` extra)."""
+    if name == "RedisStore":
+        try:
+            from ._redis_store import RedisStore
+        except ImportError as exc:
+            raise ImportError(
+                "domainpolicy.RedisStore needs the redis extra: pip install 'domainpolicy[redis]'"
+            ) from exc
+        return RedisStore
+    raise AttributeError(f"module 'domainpolicy' has no attribute {name!r}")
+
+
 __all__ = [
     # errors
     "DomainPolicyError",

@@ -1,0 +1,498 @@
+"""RedisStore against a real redis-server: differential test against MemoryStore, hostile tenant
+ids, failures, script cache loss and durability across a server restart."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+import redis
+from hypothesis import event, given
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from domainpolicy import (
+    BlockMachine,
+    BlockPolicy,
+    InvalidConfiguration,
+    InvalidTransition,
+    MemoryStore,
+    State,
+    StateStore,
+    StoreUnavailable,
+    TenantState,
+    open_store,
+)
+from domainpolicy._blockstate import Effects, InvalidEvent
+from domainpolicy._redis_store import RedisStore
+from redis_support import RedisServer, redis_url, session_server
+
+pytestmark = pytest.mark.redis
+
+NOW = 1_800_000_000.0
+POLICIES = [
+    BlockPolicy(
+        window_seconds=40,
+        bucket_seconds=10,
+        message_limit=8,
+        domain_limit=3,
+        max_tracked_domains=5,
+        warn_fraction=0.5,
+        suspend_factor=2.0,
+        probation_seconds=100,
+        probation_fraction=0.5,
+        sample_size=3,
+    ),
+    BlockPolicy(
+        window_seconds=40,
+        bucket_seconds=10,
+        message_limit=6,
+        domain_limit=2,
+        max_tracked_domains=4,
+        min_unregistered_share=0.5,
+        warn_fraction=0.7,
+        suspend_factor=1.5,
+        probation_seconds=50,
+    ),
+    BlockPolicy(
+        window_seconds=30,
+        bucket_seconds=10,
+        message_limit=4,
+        domain_limit=2,
+        max_tracked_domains=4,
+        warn_fraction=0.5,
+        suspend_factor=50.0,
+        probation_seconds=60,
+    ),
+    BlockPolicy(
+        window_seconds=7,
+        bucket_seconds=7,
+        message_limit=5,
+        domain_limit=2,
+        max_tracked_domains=3,
+        warn_fraction=1.0,
+        suspend_factor=3.0,
+        probation_seconds=30,
+    ),
+]
+DOMAINS = [f"{c}.example" for c in "abcdefghij"]
+_tenant_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one server: two MTAs sharing the state."""
+    url = redis_url(Path())
+    with (
+        RedisStore.from_url(url, server_time=False, prefix="diff:") as one,
+        RedisStore.from_url(url, server_time=False, prefix="diff:") as two,
+    ):
+        yield one, two
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return redis_url(tmp_path)
+
+
+# --------------------------------------------------------------------------- differential
+
+_step = st.one_of(
+    st.just(0.0),
+    st.floats(min_value=0.0, max_value=3.0),
+    st.sampled_from([0.0, 0.25, 1.0, 9.999, 10.0, 20.0, 40.0, 50.0, 400.0, -1.0, -10.0, -47.0]),
+    st.sampled_from([0.0, 7.0, 10.0, 14.0, 20.0, 21.0, 30.0, 40.0]),
+    st.floats(min_value=-30.0, max_value=60.0, allow_nan=False),
+)
+_observe = st.tuples(
+    st.just("observe"),
+    _step,
+    st.booleans(),
+    st.sampled_from(DOMAINS),
+    st.integers(min_value=1, max_value=4),
+)
+_admin = st.tuples(
+    st.sampled_from(["remediate", "operator_block", "operator_suspend", "connector"]), _step
+)
+# jump to the end of probation (exactly, or just before / after it)
+_probation_end = st.tuples(st.just("probation_end"), st.sampled_from([-0.5, 0.0, 0.0, 1e-6]))
+_ops = st.lists(
+    st.one_of(*[_observe] * 6, _admin, _probation_end),
+    min_size=10,
+    max_size=80,
+)
+
+
+def _remediate(machine: BlockMachine) -> Callable[[TenantState, float], tuple[TenantState, Any]]:
+    """Declare every offending domain, review connectors, attest, request and approve."""
+
+    def run(state: TenantState, now: float) -> tuple[TenantState, Effects]:
+        block = state.block
+        if block is None:
+            raise InvalidTransition("nothing to remediate")
+        transitions: list[Any] = []
+        if block.offending:
+            state, _ = machine.declare_not_ours(state, now, block.offending, by="admin")
+        for connector in block.to_review:
+            state, _ = machine.review_connector(state, now, connector, kept=False, by="admin")
+        state, _ = machine.attest(state, now, by="admin", note="patched")
+        if state.state is not State.UNBLOCK_REQUESTED:
+            assert state.block is not None
+            state, effects = machine.request_unblock(
+                state, now, code=state.block.code.value, evidence="cleaned"
+            )
+            transitions += effects.transitions
+        state, effects = machine.approve(state, now, by="support", reason="ok")
+        return state, Effects(None, (*transitions, *effects.transitions), effects.alerts)
+
+    return run
+
+
+def _mutation(op: str, machine: BlockMachine) -> Callable[[TenantState, float], Any]:
+    if op == "remediate":
+        return _remediate(machine)
+    if op == "operator_block":
+        return lambda s, now: machine.operator_block(s, now, by="ops", reason="abuse")
+    if op == "operator_suspend":
+        return lambda s, now: machine.operator_suspend(s, now, by="ops", reason="abuse")
+    return lambda s, now: machine.create_connector(s, now, f"c{int(now * 1000)}")
+
+
+def _summary(effects: Effects) -> tuple[object, ...]:
+    return (
+        effects.decision,
+        [(t.source, t.target, t.event, t.reason, t.at, t.evidence) for t in effects.transitions],
+        [(a.kind, a.message, a.at, a.evidence) for a in effects.alerts],
+    )
+
+
+Action = Callable[[StateStore], tuple[TenantState, Effects]]
+
+
+def _action(op: tuple[Any, ...], machine: BlockMachine, tenant: str, at: float) -> Action:
+    if op[0] == "observe":
+        _, _, registered, domain, weight = op
+        return lambda store: store.observe(
+            machine,
+            tenant,
+            at,
+            registered=registered,
+            registrable=None if registered else domain,
+            weight=weight,
+        )
+    mutation = _mutation(op[0], machine)
+    return lambda store: store.apply(tenant, mutation, at, action=op[0], actor="ops")
+
+
+def _run(store: StateStore, action: Action) -> object:
+    try:
+        state, effects = action(store)
+    except InvalidTransition as exc:
+        return type(exc)
+    return state.to_dict(), _summary(effects)
+
+
+@given(policy=st.sampled_from(POLICIES), ops=_ops, start=st.floats(0.0, 20.0))
+def test_redis_matches_memory_store_step_by_step(
+    shared_redis: tuple[RedisStore, RedisStore],
+    policy: BlockPolicy,
+    ops: list[tuple[Any, ...]],
+    start: float,
+) -> None:
+    """Random observations and admin events, sent through two RedisStores in turns, give the
+    same decisions, effects and states as one MemoryStore."""
+    machine = BlockMachine(policy)
+    memory = MemoryStore()
+    tenant = f"diff-{next(_tenant_ids)}"
+    now = NOW + start
+    for i, op in enumerate(ops):
+        redis_store = shared_redis[(i // 3) % 2]
+        if op[0] == "probation_end":
+            until = memory.load(tenant).probation_until
+            if until is not None:
+                now = max(now, until + op[1])
+            continue
+        now = max(0.0, now + op[1])
+        action = _action(op, machine, tenant, now)
+        expected = _run(memory, action)
+        got = _run(redis_store, action)
+        if isinstance(expected, tuple):
+            for change in expected[1][1]:
+                event(f"{change[0].value} -> {change[1].value}")
+            for alert in expected[1][2]:
+                event(f"alert {alert[0].value}")
+        assert got == expected, op
+        assert redis_store.load(tenant).to_dict() == memory.load(tenant).to_dict(), op
+    assert [r.to_dict() for r in shared_redis[0].history(tenant)] == [
+        r.to_dict() for r in memory.history(tenant)
+    ]
+
+
+# --------------------------------------------------------------------------- keys
+
+HOSTILE = [
+    "a}b",
+    "{a}",
+    "a%7Db",
+    "a%7db",
+    "}",
+    "{",
+    "{}",
+    "x:state",
+    "a}:state",
+    "tenant one",
+    "ténant",
+    "租户",
+    "a\x00b",
+    "a\nb",
+    "tenants",
+    "%",
+    "%25",
+]
+
+
+def test_hostile_tenant_ids_keep_their_own_keys_and_slot(url: str) -> None:
+    """Tenant ids with braces, percent signs or control characters cannot break the hash tag."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store:
+        for i, tenant in enumerate(HOSTILE):
+            store.observe(
+                machine, tenant, NOW, registered=False, registrable="a.example", weight=i + 1
+            )
+        for i, tenant in enumerate(HOSTILE):
+            assert store.load(tenant).window.unregistered == i + 1
+        assert store.tenants() == sorted(HOSTILE)
+    with redis.Redis.from_url(url) as client:
+        keys = [k.decode() for k in client.keys("*")]
+    tenant_keys = [k for k in keys if k != "dp:tenants"]
+    by_tenant: dict[str, set[int]] = {}
+    kinds: dict[str, set[str]] = {}
+    for key in tenant_keys:
+        assert key.startswith("dp:{")
+        tag = key[len("dp:{") : key.index("}")]
+        assert "{" not in tag
+        kinds.setdefault(unquote(tag), set()).add(key[key.index("}") :])
+        by_tenant.setdefault(unquote(tag), set()).add(key_slot(key.encode()))
+    assert sorted(by_tenant) == sorted(HOSTILE)
+    assert all(len(slots) == 1 for slots in by_tenant.values())
+    for found in kinds.values():
+        assert (
+            {"}:state", "}:bt", "}:bu", "}:dom"}
+            <= found
+            <= {"}:state", "}:bt", "}:bu", "}:dom", "}:audit"}
+        )
+
+
+def test_prefix_with_braces_is_refused(url: str) -> None:
+    """A key prefix containing a brace would break the hash tag: InvalidConfiguration."""
+    with pytest.raises(InvalidConfiguration, match="prefix"):
+        RedisStore.from_url(url, prefix="dp{x}:")
+
+
+def test_prefix_separates_stores_and_open_store_passes_options(url: str) -> None:
+    """open_store() forwards options; two prefixes on one server do not see each other."""
+    machine = BlockMachine(POLICIES[0])
+    with open_store(url, prefix="one:", server_time=False) as one, open_store(url) as two:
+        assert isinstance(one, RedisStore)
+        assert one.kind == "redis"
+        one.observe(machine, "t", NOW, registered=True, registrable=None)
+        assert one.tenants() == ["t"]
+        assert two.tenants() == []
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def test_invalid_observation_is_refused_before_counting(url: str) -> None:
+    """Malformed arguments raise InvalidEvent and count nothing."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store:
+        for kwargs in (
+            {"registered": False, "registrable": None},
+            {"registered": False, "registrable": "a.example", "weight": 0},
+            {"registered": False, "registrable": "a.example", "weight": 2**40},
+        ):
+            with pytest.raises(InvalidEvent):
+                store.observe(machine, "t", NOW, **kwargs)
+        with pytest.raises(InvalidEvent):
+            store.observe(machine, "t", float("nan"), registered=True, registrable=None)
+        with pytest.raises(InvalidEvent):
+            store.observe(machine, "", NOW, registered=True, registrable=None)
+        assert store.tenants() == []
+
+
+def test_server_time_replaces_the_callers_clock(url: str) -> None:
+    """With server_time (the default) the window follows Redis TIME, not the caller's now."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url) as store:
+        before = store.now()
+        state, _ = store.observe(machine, "t", 5.0, registered=True, registrable=None)
+        after = store.now()
+    assert int(before / 10) <= state.window.head <= int(after / 10)
+
+
+def test_apply_retries_when_another_writer_gets_in_first(url: str) -> None:
+    """A compare-and-set conflict re-runs the mutation on the newer state: nothing is lost."""
+    machine = BlockMachine(POLICIES[0])
+    calls = 0
+    with (
+        RedisStore.from_url(url, server_time=False) as store,
+        RedisStore.from_url(url, server_time=False) as other,
+    ):
+
+        def mutation(state: TenantState, now: float) -> tuple[TenantState, Effects]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                other.observe(machine, "t", NOW, registered=False, registrable="a.example")
+            return machine.create_connector(state, now, "conn-1")
+
+        store.apply("t", mutation, NOW, action="create_connector", actor="ops")
+        state = store.load("t")
+    assert calls == 2
+    assert state.window.unregistered == 1
+    assert state.connectors == (("conn-1", NOW),)
+
+
+def test_script_cache_flush_is_survived(url: str) -> None:
+    """After SCRIPT FLUSH the store reloads its scripts and counts on."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        store.observe(machine, "t", NOW, registered=False, registrable="a.example")
+        client.script_flush()
+        store.observe(machine, "t", NOW, registered=False, registrable="a.example")
+        store.apply("t", lambda s, now: machine.create_connector(s, now, "c"), NOW, action="c")
+        assert store.load("t").window.unregistered == 2
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def _every_call(store: RedisStore) -> list[Callable[[], object]]:
+    machine = BlockMachine(POLICIES[0])
+    return [
+        lambda: store.observe(machine, "t", NOW, registered=False, registrable="a.example"),
+        lambda: store.apply(
+            "t", lambda s, now: machine.create_connector(s, now, "c"), NOW, action="c"
+        ),
+        lambda: store.load("t"),
+        lambda: store.history("t"),
+        store.tenants,
+        store.now,
+    ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_unreachable_server_raises_store_unavailable() -> None:
+    """Nothing listening: every operation raises StoreUnavailable naming the failure."""
+    with RedisStore.from_url(f"redis://127.0.0.1:{_closed_port()}/0") as store:
+        for call in _every_call(store):
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                call()
+
+
+def test_silent_server_times_out_as_store_unavailable() -> None:
+    """A server that accepts but never answers: the bounded socket timeout -> StoreUnavailable."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        port = listener.getsockname()[1]
+        with (
+            RedisStore.from_url(f"redis://127.0.0.1:{port}/0", socket_timeout=0.2) as store,
+            pytest.raises(StoreUnavailable, match="timed out"),
+        ):
+            store.load("t")
+
+
+def test_stopped_server_raises_store_unavailable(tmp_path: Path) -> None:
+    """A server that goes away mid-life turns every call into StoreUnavailable."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        store = RedisStore.from_url(server.url, server_time=False)
+        _every_call(store)[0]()
+        server.stop()
+        for call in _every_call(store):
+            with pytest.raises(StoreUnavailable):
+                call()
+        store.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("st", "weird"), ("doc", "not json"), ("doc", '{"tenant": "other"}'), ("T", "99")],
+)
+def test_corrupt_state_raises_store_unavailable(url: str, field: str, value: str) -> None:
+    """Corrupt stored data (bad state, bad JSON, wrong tenant, bad sums) is StoreUnavailable."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        store.observe(machine, "t", NOW, registered=False, registrable="a.example")
+        client.hset("dp:{t}:state", field, value)
+        with pytest.raises(StoreUnavailable, match="corrupt"):
+            store.load("t")
+    with (
+        RedisStore.from_url(url, server_time=False) as fresh,  # holds no copy of the state
+        pytest.raises(StoreUnavailable, match="corrupt"),
+    ):
+        fresh.observe(machine, "t", NOW, registered=False, registrable="a.example")
+
+
+def test_wrong_key_type_raises_store_unavailable(url: str) -> None:
+    """A key of the wrong type (a Redis WRONGTYPE error in the script) is StoreUnavailable."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        client.set("dp:{t}:state", "x")
+        with pytest.raises(StoreUnavailable, match="failed"):
+            store.observe(machine, "t", NOW, registered=False, registrable="a.example")
+        client.set("dp:{u}:audit", "x")
+        with pytest.raises(StoreUnavailable):
+            store.history("u")
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def test_block_survives_redis_server_restart(tmp_path: Path) -> None:
+    """With AOF persistence, a block and its audit record survive a restart of redis-server."""
+    machine = BlockMachine(POLICIES[0])
+    server = RedisServer(tmp_path, persistent=True)
+    server.start()
+    try:
+        with RedisStore.from_url(server.url, server_time=False) as store:
+            for i in range(POLICIES[0].message_limit + 1):
+                store.observe(
+                    machine, "t", NOW + i * 0.1, registered=False, registrable="a.example"
+                )
+            assert store.load("t").state is State.BLOCKED
+            before = store.load("t").to_dict()
+        server.restart()
+        with RedisStore.from_url(server.url, server_time=False) as store:
+            assert store.load("t").to_dict() == before
+            assert [r.after for r in store.history("t")] == ["blocked"]
+            assert store.tenants() == ["t"]
+            _, effects = store.observe(
+                machine, "t", NOW + 2, registered=False, registrable="a.example"
+            )
+            assert effects.decision is not None
+            assert not effects.decision.accepted
+    finally:
+        server.stop()
+
+
+def test_session_server_is_shared(url: str) -> None:
+    """The conformance factory and the session server point at the same loopback server."""
+    assert url == session_server().url
+    assert url.startswith("redis://127.0.0.1:")
