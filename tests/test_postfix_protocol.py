@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,22 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from domainpolicy import DomainPolicyError, InvalidConfiguration
+from domainpolicy import (
+    POSTFIX_REJECT_RESERVE,
+    AcceptedDomain,
+    BlockPolicy,
+    ConnectorTable,
+    Decision,
+    DomainMatcher,
+    DomainPolicyError,
+    InboundConnector,
+    InvalidConfiguration,
+    MemoryStore,
+    RelayPolicy,
+    RelayRequest,
+    ReplyCatalog,
+    StoreUnavailable,
+)
 from domainpolicy.integrations import (
     ACTION_CLASSES,
     DEFAULT_FALLBACK_ACTION,
@@ -25,6 +41,7 @@ from domainpolicy.integrations import (
     InstanceCache,
     ListenAddress,
     MalformedRequest,
+    PolicyHandler,
     PolicyLimits,
     PolicyMetrics,
     PolicyRequest,
@@ -32,9 +49,12 @@ from domainpolicy.integrations import (
     ServerSettings,
     action_class,
     annotate,
+    certificate_name,
     install_signal_handlers,
+    make_handler,
     parse_listen_address,
     parse_request,
+    relay_request,
     sanitize_action,
     xtext_decode,
 )
@@ -102,7 +122,7 @@ async def send_and_close(port: int, data: bytes) -> bytes:
         writer.write(data)
         await writer.drain()
         writer.write_eof()
-    except ConnectionError:
+    except OSError:  # the server closed first (ENOTCONN, a reset): what it sent is still read
         pass
     out = await read_to_eof(reader)
     writer.close()
@@ -1196,3 +1216,243 @@ def test_arbitrary_bytes_never_crash_the_server(chunks: list[bytes]) -> None:
     out, after = run(scenario())
     assert all(r == "DUNNO" for r in split_replies(out))
     assert after == b"action=DUNNO\n\n"
+
+
+# --------------------------------------------------------------------------- relay policy adapter
+
+
+def relay_policy(**options: Any) -> RelayPolicy:
+    """A policy: contoso owns contoso.example, loopback clients are contoso's connector; the
+    9th distinct unregistered domain in the hour blocks the tenant."""
+    matcher = DomainMatcher.compile([AcceptedDomain("contoso.example", "contoso")])
+    connectors = ConnectorTable.compile(
+        [InboundConnector("onprem", "contoso", sender_ip_ranges=("127.0.0.0/8",))], matcher
+    )
+    options.setdefault("store", MemoryStore())
+    return RelayPolicy(
+        matcher, connectors, BlockPolicy(message_limit=20, domain_limit=8), **options
+    )
+
+
+def rcpt(sender: str, recipient: str = "bob@dest.example", **attributes: str) -> PolicyRequest:
+    """A RCPT-time request from a loopback client."""
+    fields: dict[str, Any] = {
+        "protocol_state": "RCPT",
+        "client_address": "127.0.0.1",
+        "instance": "m1",
+    }
+    fields.update(attributes)
+    return PolicyRequest(sender=sender, recipient=recipient, **fields)
+
+
+def ask(handler: PolicyHandler, *requests: PolicyRequest) -> list[str]:
+    """Answer *requests* in order with *handler*."""
+
+    async def scenario() -> list[str]:
+        return [await handler(request) for request in requests]
+
+    return run(scenario())
+
+
+def test_make_handler_decides_once_per_message() -> None:
+    """Every recipient of one message gets the first decision; the message counts once."""
+    policy = relay_policy()
+    handler = make_handler(policy)
+    recipients = [rcpt("x@spam.example", f"r{i}@dest.example") for i in range(30)]
+    assert ask(handler, *recipients) == ["DUNNO"] * 30
+    status = policy.status("contoso")
+    assert (status.total, status.unregistered) == (1, 1)
+
+
+def test_make_handler_counts_recipients_when_configured() -> None:
+    """With count="recipients" each recipient of a message counts once (a repeat does not)."""
+    policy = relay_policy(count="recipients")
+    handler = make_handler(policy)
+    asked = [rcpt("x@spam.example", f"r{i}@dest.example") for i in (0, 1, 2, 0)]
+    assert ask(handler, *asked) == ["DUNNO"] * 4
+    assert policy.status("contoso").unregistered == 3
+
+
+def test_make_handler_blocks_with_one_line_reply() -> None:
+    """Past the limit the action is the 5.7.750 reply on one line; registered mail passes."""
+    policy = relay_policy()
+    handler = make_handler(policy)
+    spam = [rcpt(f"x@spam{i}.example", instance=f"m{i}") for i in range(10)]
+    answers = ask(handler, *spam, rcpt("alice@contoso.example", instance="ok"))
+    assert answers == ["DUNNO"] * 8 + [REJECT_TEXT] * 2 + ["DUNNO"]
+
+
+def test_make_handler_flattens_multi_line_replies() -> None:
+    """A multi-line tenant reply becomes one line that leaves room for Postfix's prefix."""
+    replies = ReplyCatalog.from_mapping(
+        {"tenants": {"contoso": {"5.7.750": "{default}\n" + "See https://example.net/" * 40}}}
+    )
+    policy = relay_policy(replies=replies)
+    policy.block("contoso", by="ops", reason="test")
+    (action,) = ask(make_handler(policy), rcpt("x@spam.example"))
+    assert action.startswith(REJECT_TEXT + " See https://example.net/")
+    assert action.endswith("...")
+    assert "\n" not in action
+    assert len(action) + POSTFIX_REJECT_RESERVE + 2 <= 512
+
+
+@pytest.mark.parametrize("state", ["CONNECT", "EHLO", "HELO", "VRFY", "ETRN"])
+def test_make_handler_skips_states_without_envelope(state: str) -> None:
+    """Before MAIL there is nothing to decide: DUNNO, nothing counted."""
+    policy = relay_policy()
+    assert ask(make_handler(policy), rcpt("x@spam.example", protocol_state=state)) == ["DUNNO"]
+    assert policy.store.tenants() == []
+
+
+def test_make_handler_without_instance_decides_each_request() -> None:
+    """A request without an instance is decided (and counted) on its own."""
+    policy = relay_policy()
+    asked = [rcpt("x@spam.example", instance="") for _ in range(3)]
+    assert ask(make_handler(policy), *asked) == ["DUNNO"] * 3
+    assert policy.status("contoso").unregistered == 3
+
+
+def test_make_handler_null_sender_and_no_tenant() -> None:
+    """The null sender is let through; a stranger's domain from elsewhere is refused 5.7.64."""
+    policy = relay_policy()
+    answers = ask(
+        make_handler(policy),
+        rcpt("", instance="bounce"),
+        rcpt("x@stranger.example", client_address="192.0.2.1", instance="s"),
+    )
+    assert answers[0] == "DUNNO"
+    assert answers[1].startswith("550 5.7.64 ")
+
+
+def test_make_handler_annotates_the_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The server's line for each request carries the decision's fields."""
+    policy = relay_policy()
+
+    async def scenario() -> bytes:
+        server, port = await start(make_handler(policy))
+        try:
+            data = req(
+                protocol_state="RCPT",
+                client_address="127.0.0.1",
+                instance="m1",
+                sender="x@spam.example",
+                recipient="bob@dest.example",
+            )
+            return await send_and_close(port, data + data)
+        finally:
+            await server.close()
+
+    with caplog.at_level(logging.INFO, logger="domainpolicy.integrations.postfix"):
+        assert split_replies(run(scenario())) == ["DUNNO", "DUNNO"]
+    lines = [r.policy for r in caplog.records if hasattr(r, "policy")]
+    assert [line["cached"] for line in lines] == [False, True]
+    assert lines[0]["tenant"] == "contoso"
+    assert lines[0]["sender_domain"] == "spam.example"
+    assert (lines[0]["verdict"], lines[0]["code"], lines[0]["reason"]) == (
+        "accept",
+        250,
+        "unregistered_allowed",
+    )
+
+
+class FailingStore(MemoryStore):
+    """A store whose every observation fails."""
+
+    def observe(self, *args: Any, **kwargs: Any) -> Any:
+        """Fail like an unreachable store."""
+        raise StoreUnavailable("the store is down")
+
+
+def test_make_handler_store_failure_is_451() -> None:
+    """A failing store gives the facade's 451 4.3.0, never an exception or a hang."""
+    (action,) = ask(make_handler(relay_policy(store=FailingStore())), rcpt("x@spam.example"))
+    assert action.startswith("451 4.3.0 ")
+
+
+class GatedStore(MemoryStore):
+    """A store whose observations wait until `gate` is set (a slow store)."""
+
+    def __init__(self) -> None:
+        """Start closed."""
+        super().__init__()
+        self.gate = threading.Event()
+        self.calls = 0
+
+    def observe(self, *args: Any, **kwargs: Any) -> Any:
+        """Count the call, wait for the gate, then observe."""
+        self.calls += 1
+        self.gate.wait(SAFETY)
+        return super().observe(*args, **kwargs)
+
+
+def test_make_handler_slow_store_times_out_and_counts_once() -> None:
+    """A slow store gets the server's 451 fallback; its late decision still serves the rest."""
+    store = GatedStore()
+    policy = relay_policy(store=store)
+    cache: InstanceCache[Decision] = InstanceCache()
+    handler = make_handler(policy, cache=cache, blocking=True)
+    data = req(
+        protocol_state="RCPT",
+        client_address="127.0.0.1",
+        instance="m1",
+        sender="x@spam.example",
+        recipient="bob@dest.example",
+    )
+
+    async def scenario() -> list[str]:
+        server, port = await start(handler, request_timeout=0.05)
+        try:
+            first = split_replies(await send_and_close(port, data))
+            store.gate.set()
+            while not len(cache):
+                await asyncio.sleep(0.01)  # the worker thread finishes the first decision
+            second = split_replies(await send_and_close(port, data))
+            return first + second
+        finally:
+            await server.close()
+
+    assert run(scenario()) == [DEFAULT_FALLBACK_ACTION, "DUNNO"]
+    assert store.calls == 1
+    assert policy.status("contoso").unregistered == 1
+
+
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({}, None),
+        ({"ccert_subject": "mail.contoso.example"}, "mail.contoso.example"),
+        (
+            {"ccert_subject": "CN=ca.example,CN=mail.contoso.example,O=Contoso"},
+            "mail.contoso.example",
+        ),
+        ({"ccert_subject": "O=Contoso"}, None),
+        ({"ccert_fingerprint": "11:22:33"}, None),
+        ({"ccert_fingerprint": "AB:CD:EF"}, "pinned.contoso.example"),
+        ({"ccert_fingerprint": "ab:cd:ef", "ccert_subject": "x.example"}, "pinned.contoso.example"),
+        ({"ccert_pubkey_fingerprint": "abcdef"}, "pinned.contoso.example"),
+    ],
+)
+def test_certificate_name(attributes: dict[str, Any], expected: str | None) -> None:
+    """Pinned fingerprints first, then the subject CN Postfix sends, else nothing."""
+    request = PolicyRequest(**attributes)
+    assert certificate_name(request, {"ABCDEF": "pinned.contoso.example"}) == expected
+
+
+def test_relay_request_mapping() -> None:
+    """Postfix attributes map onto RelayRequest; empty ones become None."""
+    request = rcpt(
+        "",
+        sasl_username="alice",
+        ccert_subject="mail.contoso.example",
+        instance="1f2a.6553a2c1.8b1e9.0",
+    )
+    assert relay_request(request) == RelayRequest(
+        sender="",
+        client_ip="127.0.0.1",
+        tls_cert_name="mail.contoso.example",
+        sasl_user="alice",
+        recipients=("bob@dest.example",),
+        message_id="1f2a.6553a2c1.8b1e9.0",
+    )
+    bare = relay_request(PolicyRequest(protocol_state="MAIL", sender="a@b.example"))
+    assert bare == RelayRequest(sender="a@b.example")

@@ -1,7 +1,8 @@
 """MTA integrations: how domainpolicy meets real mail servers.
 
 ``domainpolicy.integrations.postfix`` speaks Postfix's SMTPD access policy delegation protocol
-(request parser, asyncio `PolicyServer`, per-message `InstanceCache`).  The names below are
+(request parser, asyncio `PolicyServer`, per-message `InstanceCache`, and `make_handler`, which
+answers with a `RelayPolicy`).  The names below are
 re-exported for convenience; the MTA-specific modules are the documented homes.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from ._metrics import ACTION_CLASSES, LATENCY_BUCKETS, MetricsEndpoint, PolicyMetrics, action_class
 from .postfix import (
+    DECIDING_STATES,
     DEFAULT_FALLBACK_ACTION,
     KNOWN_ATTRIBUTES,
     InstanceCache,
@@ -20,15 +22,19 @@ from .postfix import (
     PolicyServer,
     ServerSettings,
     annotate,
+    certificate_name,
     install_signal_handlers,
+    make_handler,
     parse_listen_address,
     parse_request,
+    relay_request,
     sanitize_action,
     xtext_decode,
 )
 
 __all__ = [
     "ACTION_CLASSES",
+    "DECIDING_STATES",
     "DEFAULT_FALLBACK_ACTION",
     "KNOWN_ATTRIBUTES",
     "LATENCY_BUCKETS",
@@ -44,9 +50,12 @@ __all__ = [
     "ServerSettings",
     "action_class",
     "annotate",
+    "certificate_name",
     "install_signal_handlers",
+    "make_handler",
     "parse_listen_address",
     "parse_request",
+    "relay_request",
     "sanitize_action",
     "xtext_decode",
 ]

@@ -55,10 +55,14 @@ from typing import Any, Final, Generic, TypeVar
 import attrs
 
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration, shown
+from domainpolicy._policy import Decision, Outcome, RelayPolicy, RelayRequest
+from domainpolicy._replies import POSTFIX_REJECT_RESERVE, Reply
+from domainpolicy._stores import MemoryStore
 
 from ._metrics import MetricsEndpoint, PolicyMetrics
 
 __all__ = [
+    "DECIDING_STATES",
     "DEFAULT_FALLBACK_ACTION",
     "KNOWN_ATTRIBUTES",
     "InstanceCache",
@@ -70,9 +74,12 @@ __all__ = [
     "PolicyServer",
     "ServerSettings",
     "annotate",
+    "certificate_name",
     "install_signal_handlers",
+    "make_handler",
     "parse_listen_address",
     "parse_request",
+    "relay_request",
     "sanitize_action",
     "xtext_decode",
 ]
@@ -283,12 +290,55 @@ def _request_end(buffer: bytes | bytearray, start: int = 0) -> int:
     return found + 2 if found >= 0 else -1
 
 
+_BODY_RE: Final = re.compile(r"(?:[A-Za-z0-9_.\-]+=[^\n]*\n)*\Z")
+"""Every line ``name=value`` with a valid name (the body with a final LF; checked as text)."""
+_KNOWN_SET: Final = frozenset(KNOWN_ATTRIBUTES)
+
+
 def _parse_block(block: bytes, limits: PolicyLimits) -> PolicyRequest:
     """Parse one request: its attribute lines and the empty line that ends it.
 
     *block* ends with ``\\n\\n`` (or is ``\\n``) and holds no other empty line (`_request_end`
     cut it so).
+
+    Fast path (a well-formed request): the size and NUL checks on the octets, one decode of the
+    whole request, one regular expression checking every line's name and ``=``, one split.
+    Decoding the whole request at once gives the same text as decoding each value: UTF-8
+    never lets a multi-octet sequence span an ASCII ``=`` or LF, and a broken sequence ends at
+    one.  Anything the fast path does not accept is parsed again by `_parse_block_checked`,
+    which finds the exact problem (the same checks, in the same order).
     """
+    size = len(block) - 1
+    if (
+        size <= limits.max_line_bytes
+        and size <= limits.max_request_bytes
+        and b"\x00" not in block
+        and size > 0
+    ):
+        text = block[:-1].decode("utf-8", errors="replace")
+        if _BODY_RE.match(text):
+            pairs = [line.split("=", 1) for line in text[:-1].split("\n")]
+            attributes = dict(pairs)
+            if (
+                len(attributes) == len(pairs)
+                and len(pairs) <= limits.max_attributes
+                and attributes.get("request") == _REQUEST_TYPE
+            ):
+                unknown: dict[str, str] = {}
+                if not attributes.keys() <= _KNOWN_SET:
+                    unknown = {k: v for k, v in attributes.items() if k not in _KNOWN_SET}
+                    for key in unknown:
+                        del attributes[key]
+                for key in _XTEXT_ATTRIBUTES:
+                    value = attributes.get(key)
+                    if value and "+" in value:
+                        attributes[key] = xtext_decode(value)
+                return PolicyRequest(**attributes, unknown=unknown)
+    return _parse_block_checked(block, limits)
+
+
+def _parse_block_checked(block: bytes, limits: PolicyLimits) -> PolicyRequest:
+    """`_parse_block` line by line: every check in order, each failure with its reason."""
     size = len(block) - 1  # the attribute lines, each with its LF
     if size > limits.max_request_bytes:
         raise MalformedRequest(
@@ -518,14 +568,393 @@ class ServerSettings:
             )
 
 
-class _Connection:
-    __slots__ = ("buffer", "busy", "peer", "task")
+_IDLE, _READING, _WRITING = 0, 1, 2
 
-    def __init__(self, task: asyncio.Task[Any], peer: str) -> None:
-        self.task = task
-        self.peer = peer
-        self.busy = False
+
+class _Resumed:
+    """Awaitable that continues a handler whose first step already ran (see `_Connection`).
+
+    The connection runs the handler's first step synchronously inside ``data_received``: a
+    handler that does not suspend (an in-memory policy) is answered without a task or a timer.
+    One that suspends hands this object, which re-yields what the handler yielded and then
+    drives it on, to a task that applies ``request_timeout``.  ``send``/``throw`` (cancellation
+    included) are forwarded exactly as ``yield from`` would.
+    """
+
+    __slots__ = ("first", "steps")
+
+    def __init__(self, steps: Any, first: object) -> None:
+        self.steps = steps
+        self.first = first
+
+    def __await__(self) -> Any:
+        steps, value = self.steps, self.first
+        self.steps = self.first = None
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:
+                try:
+                    value = steps.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = steps.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class _Connection(asyncio.Protocol):
+    """One policy client connection: cuts requests from the byte stream and answers them.
+
+    A `asyncio.Protocol` rather than streams: a request that arrives in one segment is parsed
+    and, if the handler does not suspend, answered within the same ``data_received`` call (no
+    task wake-up, no future, no timer per request).  Requests are answered one at a time, in
+    order; while one is being answered (or the peer does not read its replies) reading is
+    paused, so the buffer never holds more than one maximal request plus one segment.
+
+    Deadlines (idle, read, write) share one lazily re-armed timer: each request only updates a
+    float, and the timer, when it fires, re-arms itself at the current deadline if that has
+    moved.  The handler's ``request_timeout`` applies only to a handler that suspends (it runs
+    in a task under `asyncio.timeout_at`); one that answers synchronously cannot overrun it.
+    """
+
+    def __init__(self, server: PolicyServer) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.id = 0
+        self.peer = "?"
         self.buffer = bytearray()
+        self.searched = 0
+        self.busy = False  # a handler is suspended (its task is `self.task`)
+        self.task: asyncio.Task[None] | None = None
+        self.eof = False
+        self.paused = False  # the transport's write buffer is over its high-water mark
+        self.reading = True
+        self.ended = False  # closed or closing: no more requests
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.deadline = 0.0
+        self.deadline_kind = _IDLE
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = _peer_name(transport)
+        server = self.server
+        if server._closing or len(server._connections) >= server.settings.max_connections:
+            server.metrics.connections_refused += 1
+            server.log.warning(
+                "policy connection from %s refused: connection limit reached", self.peer
+            )
+            self.ended = True
+            transport.close()
+            return
+        self.id = next(server._ids)
+        server._connections[self.id] = self
+        server.metrics.connections += 1
+        server.metrics.connections_active += 1
+        self._set_deadline(self.loop.time() + server.settings.idle_timeout, _IDLE)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if not self.buffer:
+            self.searched = 0
+        self.buffer += data
+        if not self.busy and not self.paused:
+            self._process()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.busy and not self.paused and not self.ended:
+            self._process()
+        return True  # keep the transport open to send the answers still due
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self._set_deadline(self.loop.time() + self.server.settings.write_timeout, _WRITING)
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if not self.busy and not self.ended:
+            self._set_deadline(self.loop.time() + self.server.settings.idle_timeout, _IDLE)
+            self._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        server = self.server
+        if server._connections.pop(self.id, None) is not None:
+            server.metrics.connections_active -= 1
+            if exc is not None:
+                server.log.debug("policy connection %d from %s lost: %s", self.id, self.peer, exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # ------------------------------------------------------------ requests
+
+    def _process(self) -> None:
+        """Answer every complete request in the buffer (stopping at a suspended handler)."""
+        try:
+            self._process_requests()
+        except Exception:  # a bug here must not leave a peer waiting: log and disconnect
+            self.server.log.exception("policy connection %d from %s failed", self.id, self.peer)
+            self._abort()
+
+    def _process_requests(self) -> None:
+        server = self.server
+        settings = server.settings
+        limits = settings.limits
+        buffer = self.buffer
+        while not self.busy and not self.paused and not self.ended:
+            if server._closing:
+                self._close()
+                return
+            end = _request_end(buffer, self.searched)
+            if end < 0:
+                if len(buffer) > limits.max_request_bytes + 1:
+                    self._malformed(
+                        MalformedRequest(
+                            bytes(buffer[:64]),
+                            "request_too_large",
+                            f"request exceeds {limits.max_request_bytes} octets",
+                        )
+                    )
+                elif self.eof:
+                    if buffer:
+                        self._malformed(
+                            MalformedRequest(
+                                bytes(buffer[:64]), "truncated", "end of stream inside a request"
+                            )
+                        )
+                    else:
+                        self._close()
+                elif buffer:
+                    self.searched = len(buffer)
+                    if self.deadline_kind != _READING:
+                        self._set_deadline(self.loop.time() + settings.read_timeout, _READING)
+                self._set_reading(True)
+                return
+            block = bytes(buffer[:end])
+            del buffer[:end]
+            self.searched = 0
+            try:
+                request = _parse_block(block, limits)
+            except MalformedRequest as exc:
+                self._malformed(exc)
+                return
+            self._answer(request)
+            if not self.busy:
+                self._set_deadline(self.loop.time() + settings.idle_timeout, _IDLE)
+        self._set_reading(False)
+
+    def _answer(self, request: PolicyRequest) -> None:
+        server = self.server
+        fields: dict[str, object] = {}
+        token = _LOG_FIELDS.set(fields)
+        started = time.perf_counter()
+        try:
+            steps = server._handler(request).__await__()
+            first = steps.send(None)
+        except StopIteration as stop:
+            self._reply(request, fields, started, stop.value, None)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            self._reply(request, fields, started, None, exc)
+            return
+        finally:
+            _LOG_FIELDS.reset(token)
+        # The handler suspended: finish it in a task (which copies the context, log fields
+        # included) under the request timeout; reading waits until it has answered.
+        self.busy = True
+        self.deadline_kind = _IDLE
+        self.deadline = float("inf")
+        self.task = self.loop.create_task(self._finish(request, fields, started, steps, first))
+
+    async def _finish(
+        self,
+        request: PolicyRequest,
+        fields: dict[str, object],
+        started: float,
+        steps: Any,
+        first: object,
+    ) -> None:
+        settings = self.server.settings
+        _LOG_FIELDS.set(fields)  # this task's own context: the handler's later steps annotate
+        deadline = self.loop.time() - (time.perf_counter() - started) + settings.request_timeout
+        raw: object = None
+        error: BaseException | None = None
+        try:
+            async with asyncio.timeout_at(deadline) as scope:
+                raw = await _Resumed(steps, first)
+        except asyncio.CancelledError:
+            self._abort()  # shutdown grace ran out: no answer
+            raise
+        except Exception as exc:
+            error = _TimedOut() if isinstance(exc, TimeoutError) and scope.expired() else exc
+        self.busy = False
+        self.task = None
+        self._reply(request, fields, started, raw, error)
+        if not self.ended:
+            self._set_deadline(self.loop.time() + settings.idle_timeout, _IDLE)
+            self._process()
+
+    def _reply(
+        self,
+        request: PolicyRequest,
+        fields: dict[str, object],
+        started: float,
+        raw: object,
+        error: BaseException | None,
+    ) -> None:
+        server = self.server
+        settings = server.settings
+        outcome = "ok"
+        if error is None and not isinstance(raw, str):
+            error = TypeError(f"policy handler returned {shown(raw)}, not a string")
+        if isinstance(error, _TimedOut):
+            outcome = "timeout"
+            server.metrics.timeouts += 1
+            server.log.warning(
+                "policy handler timed out after %ss (instance=%s); answering %r",
+                settings.request_timeout,
+                request.instance,
+                settings.fallback_action,
+            )
+            action = settings.fallback_action
+        elif error is not None:
+            outcome = "error"
+            server.metrics.handler_errors += 1
+            server.log.error(
+                "policy handler failed (instance=%s); answering %r",
+                request.instance,
+                settings.fallback_action,
+                exc_info=error,
+            )
+            action = settings.fallback_action
+        else:
+            assert isinstance(raw, str)
+            action = raw
+            if not _SAFE_ACTION_RE.match(action) or len(action) > settings.max_action_chars:
+                action = sanitize_action(raw, max_chars=settings.max_action_chars)
+                if action != raw:
+                    server.metrics.sanitised += 1
+                    server.log.warning(
+                        "policy handler action %s sanitised to %r", shown(raw), action
+                    )
+                if not action:
+                    outcome = "error"
+                    action = settings.fallback_action
+        elapsed = time.perf_counter() - started
+        server.metrics.observe(action, elapsed)
+        log = server.log
+        if log.isEnabledFor(logging.INFO):
+            record: dict[str, object] = {
+                "conn": self.id,
+                "state": request.protocol_state,
+                "instance": request.instance,
+                "client_address": request.client_address,
+                "sasl_username": request.sasl_username,
+                "sender": request.sender,
+                "recipient": request.recipient,
+            }
+            record.update(fields)
+            record.update(action=action, outcome=outcome, latency_ms=elapsed * 1000.0)
+            log.info("policy %s", _logfmt(record), extra={"policy": record})
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"action=" + action.encode("ascii") + b"\n\n")
+
+    # ------------------------------------------------------------ flow and deadlines
+
+    def _set_reading(self, wanted: bool) -> None:
+        transport = self.transport
+        if wanted == self.reading or transport is None or transport.is_closing():
+            return
+        self.reading = wanted
+        if wanted:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def _set_deadline(self, when: float, kind: int) -> None:
+        self.deadline = when
+        self.deadline_kind = kind
+        timer = self.timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.timer = None
+        if self.ended or self.busy:
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._expire)
+            return
+        settings = self.server.settings
+        kind = self.deadline_kind
+        if kind == _WRITING and self.paused:
+            self.server.log.warning(
+                "policy connection %d from %s does not read replies; disconnecting",
+                self.id,
+                self.peer,
+            )
+            self._abort()
+        elif kind == _READING and self.buffer:
+            self._malformed(
+                MalformedRequest(
+                    bytes(self.buffer[:64]),
+                    "read_timeout",
+                    f"request not completed within {settings.read_timeout}s",
+                )
+            )
+        else:
+            self.server.log.debug("policy connection from %s idle, closing", self.peer)
+            self._close()
+
+    def _malformed(self, exc: MalformedRequest) -> None:
+        self.server.metrics.count_malformed(exc.reason)
+        self.server.log.warning(
+            "policy connection %d from %s: %s; disconnecting without reply",
+            self.id,
+            self.peer,
+            exc,
+        )
+        self._close()
+
+    def _close(self) -> None:
+        """Close after sending what was written (answers already due)."""
+        self.ended = True
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        self.ended = True
+        self.buffer.clear()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _TimedOut(Exception):
+    """Internal: the handler did not answer within ``request_timeout``."""
+
+
+_SAFE_ACTION_RE: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?\Z")
 
 
 class PolicyServer:
@@ -596,18 +1025,15 @@ class PolicyServer:
         if self._server is not None:
             raise RuntimeError("the policy server is already started")
         address = parse_listen_address(listen) if isinstance(listen, str) else listen
-        limit = self.settings.limits.max_request_bytes + _READ_CHUNK
+        loop = asyncio.get_running_loop()
         if address.path is not None:
             _remove_stale_socket(address.path)
-            self._server = await asyncio.start_unix_server(
-                self._serve_connection, path=address.path, limit=limit
-            )
+            self._server = await loop.create_unix_server(self._protocol, path=address.path)
             if self.settings.unix_socket_mode is not None:
                 os.chmod(address.path, self.settings.unix_socket_mode)
         else:
-            self._server = await asyncio.start_server(
-                self._serve_connection, address.host, address.port, limit=limit
-            )
+            assert address.port is not None
+            self._server = await loop.create_server(self._protocol, address.host, address.port)
         self._listen = address
         self.log.info("policy server listening on %s", self.address)
 
@@ -649,18 +1075,21 @@ class PolicyServer:
             self._server.close()
         for conn in list(self._connections.values()):
             if not conn.busy:
-                conn.task.cancel()
-        tasks = [c.task for c in self._connections.values()]
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
+                conn._close()  # idle: nothing is owed to it
+        closed = [c.closed for c in self._connections.values()]
+        if closed:
+            _done, pending = await asyncio.wait(closed, timeout=grace)
             if pending:
+                stuck = [c for c in self._connections.values() if not c.closed.done()]
                 self.log.warning(
                     "policy server: %d connection(s) cancelled after %.1fs grace",
-                    len(pending),
+                    len(stuck),
                     grace,
                 )
+                for conn in stuck:
+                    if conn.task is not None:
+                        conn.task.cancel()
+                    conn._abort()
                 await asyncio.wait(pending)
         if self._server is not None:
             await self._server.wait_closed()
@@ -695,6 +1124,17 @@ class PolicyServer:
             return True
         try:
             await self._reload_hook()
+        except DomainPolicyError as exc:  # e.g. an invalid configuration: no traceback needed
+            self.metrics.reload_failures += 1
+            self.log.error(
+                "policy server: reload failed, keeping the previous configuration: %s",
+                "; ".join(
+                    line.strip().removeprefix("- ")
+                    for line in str(exc).splitlines()
+                    if line.strip()
+                ),
+            )
+            return False
         except Exception:
             self.metrics.reload_failures += 1
             self.log.exception("policy server: reload failed, keeping the previous configuration")
@@ -705,190 +1145,12 @@ class PolicyServer:
 
     # ---------------------------------------------------------------- connections
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        peer = _peer_name(writer)
-        if self._closing or len(self._connections) >= self.settings.max_connections:
-            self.metrics.connections_refused += 1
-            self.log.warning("policy connection from %s refused: connection limit reached", peer)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-            return
-        conn_id = next(self._ids)
-        conn = _Connection(task, peer)
-        self._connections[conn_id] = conn
-        self.metrics.connections += 1
-        self.metrics.connections_active += 1
-        try:
-            await self._converse(conn_id, conn, reader, writer)
-        except asyncio.CancelledError:
-            pass  # shutdown of an idle connection, or the grace period ran out
-        except (ConnectionError, OSError) as exc:
-            self.log.debug("policy connection %d from %s lost: %s", conn_id, peer, exc)
-        finally:
-            del self._connections[conn_id]
-            self.metrics.connections_active -= 1
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
-                await writer.wait_closed()
-
-    async def _converse(
-        self,
-        conn_id: int,
-        conn: _Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        settings = self.settings
-        while not self._closing:
-            try:
-                request = await self._read_request(reader, conn)
-            except MalformedRequest as exc:
-                self.metrics.count_malformed(exc.reason)
-                self.log.warning(
-                    "policy connection %d from %s: %s; disconnecting without reply",
-                    conn_id,
-                    conn.peer,
-                    exc,
-                )
-                return
-            if request is None:
-                return
-            conn.busy = True
-            action = await self._answer(conn_id, request)
-            writer.write(b"action=" + action.encode("ascii") + b"\n\n")
-            try:
-                async with asyncio.timeout(settings.write_timeout):
-                    await writer.drain()
-            except TimeoutError:
-                self.log.warning(
-                    "policy connection %d from %s does not read replies; disconnecting",
-                    conn_id,
-                    conn.peer,
-                )
-                return
-            finally:
-                conn.busy = False
-
-    async def _read_request(
-        self, reader: asyncio.StreamReader, conn: _Connection
-    ) -> PolicyRequest | None:
-        """Cut the next request from the connection's buffer, reading as needed.
-
-        Returns None on a clean end of stream or an idle timeout between requests.  Reading is
-        done in chunks (one await per segment, not per line); the buffer never holds more than
-        one maximal request plus one chunk.
-        """
-        settings = self.settings
-        limits = settings.limits
-        buffer = conn.buffer
-        searched = 0
-        deadline: float | None = None
-        while True:
-            end = _request_end(buffer, searched)
-            if end > 0:
-                block = bytes(buffer[:end])
-                del buffer[:end]
-                return _parse_block(block, limits)
-            if len(buffer) > limits.max_request_bytes + 1:
-                raise MalformedRequest(
-                    bytes(buffer[:64]),
-                    "request_too_large",
-                    f"request exceeds {limits.max_request_bytes} octets",
-                )
-            searched = len(buffer)
-            if not buffer:
-                try:
-                    async with asyncio.timeout(settings.idle_timeout):
-                        chunk = await reader.read(_READ_CHUNK)
-                except TimeoutError:
-                    self.log.debug("policy connection from %s idle, closing", conn.peer)
-                    return None
-            else:
-                if deadline is None:
-                    deadline = asyncio.get_running_loop().time() + settings.read_timeout
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await reader.read(_READ_CHUNK)
-                except TimeoutError as exc:
-                    raise MalformedRequest(
-                        bytes(buffer[:64]),
-                        "read_timeout",
-                        f"request not completed within {settings.read_timeout}s",
-                    ) from exc
-            if not chunk:
-                if buffer:
-                    raise MalformedRequest(
-                        bytes(buffer[:64]), "truncated", "end of stream inside a request"
-                    )
-                return None
-            buffer += chunk
-
-    async def _answer(self, conn_id: int, request: PolicyRequest) -> str:
-        settings = self.settings
-        handler = self._handler
-        fields: dict[str, object] = {}
-        token = _LOG_FIELDS.set(fields)
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            async with asyncio.timeout(settings.request_timeout) as deadline:
-                raw: object = await handler(request)
-            if not isinstance(raw, str):
-                raise TypeError(f"policy handler returned {shown(raw)}, not a string")
-        except Exception as exc:
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                outcome = "timeout"
-                self.metrics.timeouts += 1
-                self.log.warning(
-                    "policy handler timed out after %ss (instance=%s); answering %r",
-                    settings.request_timeout,
-                    request.instance,
-                    settings.fallback_action,
-                )
-            else:
-                outcome = "error"
-                self.metrics.handler_errors += 1
-                self.log.exception(
-                    "policy handler failed (instance=%s); answering %r",
-                    request.instance,
-                    settings.fallback_action,
-                )
-            action = settings.fallback_action
-        else:
-            action = sanitize_action(raw, max_chars=settings.max_action_chars)
-            if action != raw:
-                self.metrics.sanitised += 1
-                self.log.warning("policy handler action %s sanitised to %r", shown(raw), action)
-            if not action:
-                outcome = "error"
-                action = settings.fallback_action
-        finally:
-            _LOG_FIELDS.reset(token)
-        elapsed = time.perf_counter() - started
-        self.metrics.observe(action, elapsed)
-        if self.log.isEnabledFor(logging.INFO):
-            record: dict[str, object] = {
-                "conn": conn_id,
-                "state": request.protocol_state,
-                "instance": request.instance,
-                "client_address": request.client_address,
-                "sasl_username": request.sasl_username,
-                "sender": request.sender,
-                "recipient": request.recipient,
-            }
-            record.update(fields)
-            record.update(action=action, outcome=outcome, latency_ms=elapsed * 1000.0)
-            self.log.info("policy %s", _logfmt(record), extra={"policy": record})
-        return action
+    def _protocol(self) -> _Connection:
+        return _Connection(self)
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
+def _peer_name(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer) if peer else "unix"
@@ -1060,3 +1322,169 @@ class InstanceCache(Generic[T]):
             return value
         finally:
             del self._pending[key]
+
+
+# --------------------------------------------------------------------------- the relay policy
+
+
+DECIDING_STATES: Final = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
+"""Protocol states in which the handler consults the policy; other states get ``DUNNO``.
+
+``CONNECT``, ``EHLO``/``HELO``, ``VRFY`` and ``ETRN`` carry no envelope sender, so there is
+nothing to decide (and nothing is counted).  Put ``check_policy_service`` in
+``smtpd_relay_restrictions`` (state ``RCPT``), as documented.
+"""
+
+_CN_RE: Final = re.compile(r"(?:^|[,/+])\s*CN\s*=\s*([^,/+]+)", re.IGNORECASE)
+_FINGERPRINT_SEPARATORS: Final = str.maketrans("", "", ":- ")
+
+
+def _fingerprint_key(value: str) -> str:
+    return value.translate(_FINGERPRINT_SEPARATORS).upper()
+
+
+def certificate_name(request: PolicyRequest, pinned: Mapping[str, str] | None = None) -> str | None:
+    """The TLS client certificate name to attribute the connection by, or None.
+
+    1. ``ccert_fingerprint`` (or ``ccert_pubkey_fingerprint``) found in *pinned* (fingerprint ->
+       certificate name, keys as upper-case hex digits without separators; `make_handler`
+       prepares them from any spelling): the pinned name.  Postfix sends the
+       fingerprints for any certificate presented, verified or not, so pinning is how an
+       operator vouches for a certificate that no trusted CA signed.
+    2. Else ``ccert_subject``: Postfix sends the **CommonName** of the subject (not the whole
+       DN), xtext-encoded, and only for a certificate it verified against its trusted CAs
+       (empty otherwise).  A value that looks like a distinguished name
+       (``CN=mail.contoso.com,O=Contoso``, as some proxies pass it) yields its last ``CN``.
+    3. Else None: attribution falls back to the client address and the sender domain.
+
+    The name is only a claim to match against connectors: `ConnectorTable` trusts it only if it
+    is (under) one of the connector tenant's accepted domains.
+    """
+    if pinned:
+        for fingerprint in (request.ccert_fingerprint, request.ccert_pubkey_fingerprint):
+            if fingerprint:
+                name = pinned.get(_fingerprint_key(fingerprint))
+                if name is not None:
+                    return name
+    subject = request.ccert_subject.strip()
+    if not subject:
+        return None
+    if "=" in subject:
+        found = _CN_RE.findall(subject)
+        return (found[-1].strip() or None) if found else None
+    return subject
+
+
+def relay_request(
+    request: PolicyRequest, *, pinned: Mapping[str, str] | None = None
+) -> RelayRequest:
+    """Map a Postfix policy request onto the facade's `RelayRequest`.
+
+    ``sender`` as sent (empty: the null sender), ``client_address`` -> ``client_ip``,
+    `certificate_name` -> ``tls_cert_name``, ``sasl_username`` -> ``sasl_user``, ``recipient``
+    -> ``recipients`` (empty before RCPT), ``instance`` -> ``message_id``.  Empty attributes
+    become None.
+    """
+    return RelayRequest(
+        sender=request.sender,
+        client_ip=request.client_address or None,
+        tls_cert_name=certificate_name(request, pinned),
+        sasl_user=request.sasl_username or None,
+        recipients=(request.recipient,) if request.recipient else (),
+        message_id=request.instance or None,
+    )
+
+
+def make_handler(
+    policy: RelayPolicy,
+    *,
+    cache: InstanceCache[Decision] | None = None,
+    pinned_certificates: Mapping[str, str] | None = None,
+    blocking: bool | None = None,
+) -> PolicyHandler:
+    """A `PolicyHandler` answering Postfix with *policy*'s decisions.
+
+    * **Once per message.**  The decision is made on the first request of a message and reused
+      for its other recipients (keyed on `PolicyRequest.message_key` in *cache*, default a new
+      `InstanceCache` of 100,000 messages for an hour), so a message counts once however many
+      recipients it has.  With the policy's ``count="recipients"`` the key also holds the
+      recipient: each recipient counts once.  A request without ``instance`` is decided alone.
+    * **Answer.**  ``DUNNO`` when accepted (the remaining restrictions decide), else the reply
+      as one line, ``<code> <status> <text>``, from ``decision.reply.single_line(reserve=
+      POSTFIX_REJECT_RESERVE)`` (room for the ``<rcpt>: Recipient address rejected:`` text
+      Postfix inserts).  States without an envelope (`DECIDING_STATES`) get ``DUNNO``.
+    * **Log line.**  `annotate` adds ``tenant``, ``sender_domain``, ``verdict`` (``accept``,
+      ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason`` and ``cached``
+      (the decision of an earlier recipient) to the server's line for the request.
+    * **Never hangs.**  With a store that does I/O (*blocking*; default: any store but a
+      `MemoryStore`) the policy runs in a worker thread (`RelayPolicy.evaluate_async`) and the
+      server's ``request_timeout`` bounds the wait (answering its fallback ``451 4.3.0``).  A
+      decision that completes after that timeout is still cached for the message's later
+      recipients, so a slow store does not count the message twice.  Store failures are
+      already ``451 4.3.0`` decisions (`RelayPolicy.evaluate` never raises).  A `MemoryStore`
+      is evaluated inline: no thread hop, no I/O to wait for.
+
+    *pinned_certificates* maps certificate fingerprints to names (see `certificate_name`).
+    """
+    decisions: InstanceCache[Decision] = cache if cache is not None else InstanceCache()
+    pinned = {_fingerprint_key(k): v for k, v in (pinned_certificates or {}).items()} or None
+    in_thread = not isinstance(policy.store, MemoryStore) if blocking is None else blocking
+    per_recipient = policy.count == "recipients"
+    rendered: dict[Reply, str] = {}
+
+    def action_of(decision: Decision) -> str:
+        if decision.outcome is Outcome.ACCEPT:
+            return "DUNNO"
+        reply = decision.reply
+        text = rendered.get(reply)
+        if text is None:
+            if len(rendered) >= 1024:  # replies come from a finite catalogue; stay bounded
+                rendered.clear()
+            text = rendered[reply] = str(reply.single_line(reserve=POSTFIX_REJECT_RESERVE))
+        return text
+
+    def cache_late(key: str, task: asyncio.Future[Decision]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            decisions.put(key, task.result())
+
+    async def evaluate(relay: RelayRequest, key: str | None) -> Decision:
+        if not in_thread:
+            return policy.evaluate(relay)
+        task = asyncio.ensure_future(policy.evaluate_async(relay))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if key is not None:  # timed out: keep the decision for the later recipients
+                task.add_done_callback(lambda done: cache_late(key, done))
+            raise
+
+    async def handler(request: PolicyRequest) -> str:
+        if request.protocol_state not in DECIDING_STATES:
+            annotate(verdict="skip", reason="protocol_state")
+            return "DUNNO"
+        relay = relay_request(request, pinned=pinned)
+        key = request.message_key
+        if key is not None and per_recipient:
+            key = f"{key}\x00{request.recipient}"
+        cached = False
+        if key is None:
+            decision = await evaluate(relay, None)
+        else:
+            found = decisions.get(key)
+            if found is not None:
+                decision, cached = found, True
+            else:
+                decision = await decisions.get_or_compute(key, lambda: evaluate(relay, key))
+        reply = decision.reply
+        annotate(
+            tenant=decision.tenant or "",
+            sender_domain=decision.sender_domain or "",
+            verdict=decision.outcome.value,
+            code=reply.code,
+            status=reply.status,
+            reason=decision.reason,
+            cached=cached,
+        )
+        return action_of(decision)
+
+    return handler

@@ -1,0 +1,269 @@
+"""``domainpolicy serve``: the Postfix policy delegation server for a tenant configuration.
+
+::
+
+    domainpolicy serve --config tenants.toml --listen 127.0.0.1:10040 [--store URL]
+        [--metrics 127.0.0.1:9100] [--request-timeout 2] [--log-level info]
+
+It loads the configuration, opens the store (``--store`` or the configured one), builds the
+`RelayPolicy` and serves it with `PolicyServer` and `make_handler`.  Once listening it prints
+one line on stdout (``listening on ADDRESS`` and the metrics URL; ``--json``: an object), so a
+supervisor or a test can wait for it.  Logs (one line per policy request, with the decision's
+tenant, sender domain, verdict, code, reason and latency) go to stderr.
+
+* ``SIGHUP`` re-reads the configuration file, compiles it and swaps the accepted domains,
+  connectors and reply texts in atomically (`RelayPolicy.reload`); requests in flight finish
+  with the old ones.  An invalid new configuration is logged and the old one kept.  Thresholds
+  (``[policy]``), ``[relay]`` options and the store are read at start only: a change to them is
+  logged as needing a restart.
+* ``SIGTERM`` / ``SIGINT`` shut down gracefully: stop accepting, answer the requests in
+  flight, close; exit 0.
+* A bad configuration, store URL or listen address, or an address in use, exits 2 with one
+  line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import TextIO
+
+from ._cli import COMMANDS, EXIT_OK, EXIT_USAGE
+from ._config import PolicyConfig, load_config
+from ._errors import DomainPolicyError, InvalidConfiguration
+from ._policy import RelayPolicy
+from ._stores import StateStore, open_store
+from .integrations._metrics import MetricsEndpoint
+from .integrations.postfix import (
+    InstanceCache,
+    ListenAddress,
+    PolicyServer,
+    ServerSettings,
+    install_signal_handlers,
+    make_handler,
+    parse_listen_address,
+)
+
+__all__: list[str] = []
+
+_log = logging.getLogger("domainpolicy.serve")
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+
+
+def _error(message: str) -> int:
+    sys.stderr.write(f"domainpolicy: error: {message}\n")
+    return EXIT_USAGE
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = (
+        "SIGHUP reloads the configuration (accepted domains, connectors, replies); "
+        "SIGTERM/SIGINT shut down gracefully. Exit codes: 0 clean shutdown; 2 configuration, "
+        "store or listen address error."
+    )
+    parser.add_argument(
+        "--config", required=True, metavar="FILE", help="tenant configuration (TOML)"
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        metavar="ADDRESS",
+        help="HOST:PORT (an IP address; port 0 picks one), [IPv6]:PORT or unix:/absolute/path",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB); "
+        "default: the configured one",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="answer '451 4.3.0' when a decision takes longer (default 2; keep it under "
+        "Postfix's policy timeout)",
+    )
+    parser.add_argument(
+        "--cache-size",
+        type=_positive_int,
+        default=100_000,
+        metavar="N",
+        help="messages whose decision is remembered for their other recipients (default 100000)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=_LEVELS,
+        default="info",
+        help="info (default) logs one line per policy request",
+    )
+
+
+class _Service:
+    """The running server's state: the configuration file, the policy and the reload lock."""
+
+    def __init__(self, path: str, config: PolicyConfig, policy: RelayPolicy) -> None:
+        self.path = path
+        self.config = config
+        self.policy = policy
+        self._lock = asyncio.Lock()
+
+    async def reload(self) -> None:
+        """Re-read the configuration and swap it in; raise (keeping the old one) if invalid.
+
+        Raises:
+            InvalidConfiguration: the new configuration is invalid.
+        """
+        async with self._lock:  # two quick SIGHUPs: one reload after the other
+            new = await asyncio.to_thread(load_config, self.path)
+            self.policy.reload(matcher=new.matcher, connectors=new.connectors, replies=new.replies)
+            old, self.config = self.config, new
+            ignored = [
+                name
+                for name, changed in (
+                    ("[policy] thresholds", new.block_policy != old.block_policy),
+                    ("[relay] options", dict(new.relay) != dict(old.relay)),
+                    ("[store] url", new.store_url != old.store_url),
+                )
+                if changed
+            ]
+            if ignored:
+                _log.warning(
+                    "reload: %s changed; they take effect only after a restart",
+                    ", ".join(ignored),
+                )
+            _log.info(
+                "reload: configuration %s loaded (%d tenants)",
+                self.path,
+                len(new.matcher.tenants()),
+            )
+
+
+async def _serve(
+    args: argparse.Namespace,
+    out: TextIO,
+    service: _Service,
+    listen: ListenAddress,
+    metrics: ListenAddress | None,
+) -> int:
+    settings = ServerSettings(request_timeout=args.request_timeout)
+    handler = make_handler(service.policy, cache=InstanceCache(maxsize=args.cache_size))
+    server = PolicyServer(handler, settings=settings, reload_hook=service.reload)
+    endpoint: MetricsEndpoint | None = None
+    try:
+        try:
+            await server.start(listen)
+        except (DomainPolicyError, OSError) as exc:
+            return _error(f"cannot listen on {args.listen}: {_one_line(exc)}")
+        if metrics is not None:
+            assert metrics.host is not None
+            assert metrics.port is not None
+            try:
+                endpoint = await server.start_metrics(metrics.host, metrics.port)
+            except (DomainPolicyError, OSError) as exc:
+                return _error(f"cannot serve metrics on {args.metrics}: {_one_line(exc)}")
+        remove = install_signal_handlers(asyncio.get_running_loop(), server.reload, server.close)
+        try:
+            record: dict[str, object] = {"listening": str(server.address)}
+            text = f"listening on {server.address}"
+            if endpoint is not None and metrics is not None:
+                url = f"http://{ListenAddress(host=metrics.host, port=endpoint.port)}/metrics"
+                record["metrics"] = url
+                text += f"; metrics at {url}"
+            out.write((json.dumps(record) if args.json else text) + "\n")
+            out.flush()
+            await server.serve_forever()
+        finally:
+            remove()
+    finally:
+        await server.close()  # also closes the metrics endpoint
+    return EXIT_OK
+
+
+def _metrics_address(text: str) -> ListenAddress:
+    """Parse ``--metrics HOST:PORT`` (TCP only).
+
+    Raises:
+        InvalidConfiguration: *text* is not HOST:PORT.
+    """
+    address = parse_listen_address(text)
+    if address.path is not None:
+        raise InvalidConfiguration([f"metrics address {text!r} must be HOST:PORT, not a socket"])
+    return address
+
+
+def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        listen = parse_listen_address(args.listen)
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        metrics = _metrics_address(args.metrics) if args.metrics is not None else None
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        config = load_config(args.config)
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    store: StateStore
+    try:
+        store = open_store(args.store) if args.store is not None else config.open_store()
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        try:
+            policy = config.build_policy(store=store)
+        except DomainPolicyError as exc:
+            return _error(_one_line(exc))
+        logging.basicConfig(
+            level=getattr(logging, args.log_level.upper()),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        service = _Service(args.config, config, policy)
+        _log.info("serving %s with a %s", args.config, type(store).__name__)
+        return asyncio.run(_serve(args, out, service, listen, metrics))
+    finally:
+        store.close()
+
+
+COMMANDS["serve"] = (
+    "serve the relay policy to Postfix (SMTPD access policy delegation)",
+    _configure_serve,
+    _cmd_serve,
+)
