@@ -1290,7 +1290,7 @@ def test_make_handler_flattens_multi_line_replies() -> None:
     policy = relay_policy(replies=replies)
     policy.block("contoso", by="ops", reason="test")
     (action,) = ask(make_handler(policy), rcpt("x@spam.example"))
-    assert action.startswith(REJECT_TEXT + " See https://example.net/")
+    assert action.startswith(REJECT_TEXT + ". See https://example.net/")
     assert action.endswith("...")
     assert "\n" not in action
     assert len(action) + POSTFIX_REJECT_RESERVE + 2 <= 512

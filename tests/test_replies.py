@@ -213,7 +213,7 @@ def test_single_line_joins_and_fits_postfix_reserve() -> None:
     reply = Reply(550, "5.7.750", ["first line", "w " * 400])
     one = reply.single_line(reserve=POSTFIX_REJECT_RESERVE)
     assert len(one.text) == 1
-    assert one.text[0].startswith("first line w w")
+    assert one.text[0].startswith("first line. w w")
     assert one.text[0].endswith("...")
     assert len(one.lines()[0]) + POSTFIX_REJECT_RESERVE + 2 <= 512
     rcpt = "<" + "r" * 64 + "@" + "d" * 180 + ".example>"
@@ -223,7 +223,9 @@ def test_single_line_joins_and_fits_postfix_reserve() -> None:
 
 def test_single_line_leaves_short_replies_alone() -> None:
     """A reply that already fits is only joined, not truncated."""
-    assert str(Reply(451, "4.3.0", ["a", "b"]).single_line()) == "451 4.3.0 a b"
+    assert str(Reply(451, "4.3.0", ["a", "b"]).single_line()) == "451 4.3.0 a. b"
+    assert str(Reply(451, "4.3.0", ["a.", "b"]).single_line()) == "451 4.3.0 a. b"
+    assert str(Reply(451, "4.3.0", ["a:", "b"]).single_line()) == "451 4.3.0 a: b"
 
 
 @pytest.mark.parametrize("reserve", [-1, 600, True, 1.5])

@@ -276,8 +276,9 @@ class Reply:
     def single_line(self, *, reserve: int = 0) -> Reply:
         """Return a one-line copy whose line still fits in 512 octets after *reserve* more octets.
 
-        Lines are joined with a space; text that does not fit is cut at a space (or inside a word
-        longer than the room left) and ``...`` appended.  This is the form for a Postfix policy
+        Lines are joined with ``". "`` (just a space after a line that already ends in
+        punctuation); text that does not fit is cut at a space (or inside a word longer than the
+        room left) and ``...`` appended.  This is the form for a Postfix policy
         ``action=`` value: pass `POSTFIX_REJECT_RESERVE` or the exact length of the
         ``<rcpt>: Recipient address rejected: `` text Postfix inserts.
 
@@ -292,7 +293,14 @@ class Reply:
                 f"reserve {reserve} leaves {budget} octets for text in a 512-octet line "
                 f"(at least {len(_ELLIPSIS)} needed)"
             )
-        joined = " ".join(line for line in self.text if line)
+        joined = ""
+        for line in self.text:
+            if not line:
+                continue
+            if joined:
+                # Lines are separate statements: keep them apart when they are run together.
+                joined += " " if joined[-1] in ".!?;:," else ". "
+            joined += line
         if len(joined) > budget:
             room = budget - len(_ELLIPSIS)
             cut = joined.rfind(" ", 0, room + 1)
