@@ -38,4 +38,5 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     main = re.search(r"<!-- main-command -->\s*```console\n(.+?)\n```", README, re.S)
     assert main is not None
-    assert "domainpolicy replay examples/compromise.jsonl --config examples/tenants.toml" in main.group(1)
+    replay = "domainpolicy replay examples/compromise.jsonl --config examples/tenants.toml"
+    assert replay in main.group(1)
