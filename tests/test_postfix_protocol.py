@@ -41,11 +41,11 @@ from domainpolicy.integrations import (
     InstanceCache,
     ListenAddress,
     MalformedRequest,
-    PolicyHandler,
     PolicyLimits,
     PolicyMetrics,
     PolicyRequest,
     PolicyServer,
+    PostfixHandler,
     ServerSettings,
     action_class,
     annotate,
@@ -1245,7 +1245,7 @@ def rcpt(sender: str, recipient: str = "bob@dest.example", **attributes: str) ->
     return PolicyRequest(sender=sender, recipient=recipient, **fields)
 
 
-def ask(handler: PolicyHandler, *requests: PolicyRequest) -> list[str]:
+def ask(handler: PostfixHandler, *requests: PolicyRequest) -> list[str]:
     """Answer *requests* in order with *handler*."""
 
     async def scenario() -> list[str]:

@@ -20,7 +20,7 @@ Design
 * A malformed request gets **no reply**: `PolicyServer` logs a warning, counts it and closes
   the connection, as the protocol requires.  Postfix then reconnects, retries and finally
   applies ``smtpd_policy_service_default_action``.
-* The handler (`PolicyHandler`) returns the action text.  The server sanitises it
+* The handler (`PostfixHandler`) returns the action text.  The server sanitises it
   (`sanitize_action`: one line of printable ASCII, bounded length) so a handler bug can never
   inject protocol lines.  A handler that raises or returns a non-string, or that does not answer
   within ``request_timeout``, gets the fallback action (default ``451 4.3.0 Policy service
@@ -68,10 +68,10 @@ __all__ = [
     "InstanceCache",
     "ListenAddress",
     "MalformedRequest",
-    "PolicyHandler",
     "PolicyLimits",
     "PolicyRequest",
     "PolicyServer",
+    "PostfixHandler",
     "ServerSettings",
     "annotate",
     "certificate_name",
@@ -448,7 +448,7 @@ _LOG_FIELDS: contextvars.ContextVar[dict[str, object] | None] = contextvars.Cont
 def annotate(**fields: object) -> None:
     """Add *fields* to the log line of the policy request being answered in this task.
 
-    Call it from a `PolicyHandler` (``annotate(tenant="t1", verdict="blocked")``); outside a
+    Call it from a `PostfixHandler` (``annotate(tenant="t1", verdict="blocked")``); outside a
     request it does nothing.
     """
     current = _LOG_FIELDS.get()
@@ -525,7 +525,7 @@ def parse_listen_address(text: str) -> ListenAddress:
 # --------------------------------------------------------------------------- server
 
 
-PolicyHandler = Callable[[PolicyRequest], Awaitable[str]]
+PostfixHandler = Callable[[PolicyRequest], Awaitable[str]]
 """The seam: an async callable that turns one request into the action text to answer."""
 
 
@@ -976,7 +976,7 @@ class PolicyServer:
 
     def __init__(
         self,
-        handler: PolicyHandler,
+        handler: PostfixHandler,
         *,
         settings: ServerSettings | None = None,
         metrics: PolicyMetrics | None = None,
@@ -1109,7 +1109,7 @@ class PolicyServer:
 
     # ---------------------------------------------------------------- reload
 
-    def set_handler(self, handler: PolicyHandler) -> None:
+    def set_handler(self, handler: PostfixHandler) -> None:
         """Answer every request that starts from now on with *handler* (an atomic swap)."""
         self._handler = handler
 
@@ -1401,8 +1401,8 @@ def make_handler(
     cache: InstanceCache[Decision] | None = None,
     pinned_certificates: Mapping[str, str] | None = None,
     blocking: bool | None = None,
-) -> PolicyHandler:
-    """A `PolicyHandler` answering Postfix with *policy*'s decisions.
+) -> PostfixHandler:
+    """A `PostfixHandler` answering Postfix with *policy*'s decisions.
 
     * **Once per message.**  The decision is made on the first request of a message and reused
       for its other recipients (keyed on `PolicyRequest.message_key` in *cache*, default a new
