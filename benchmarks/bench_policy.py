@@ -1,10 +1,11 @@
-"""Benchmark: decisions per second through `RelayPolicy.evaluate`, per store.
+"""Benchmark: decisions per second through `RelayPolicy.evaluate` and `evaluate_many`, per store.
 
 Run: ``python benchmarks/bench_policy.py`` (``--quick`` for a short run, ``--stores memory,sqlite``
-to choose).  For each store it measures the accept path (a tenant's accepted domain, and
-tolerated unregistered relay) and the refuse path (a blocked tenant's unregistered mail), in one
-process and in two processes sharing the store (memory: one process only).  A Redis store is
-measured against a ``redis-server`` this script starts on a free loopback port.
+and ``--batches 1,16,64`` to choose).  For each store it measures the accept path (a tenant's
+accepted domain, and tolerated unregistered relay) and the refuse path (a blocked tenant's
+unregistered mail), in one process and in two processes sharing the store (memory: one process
+only), one message at a time (``evaluate``) and in batches of each size (``evaluate_many``).
+A Redis store is measured against a ``redis-server`` this script starts on a free loopback port.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from collections.abc import Callable, Sequence
 
 from domainpolicy import (
     AcceptedDomain,
-    ConnectorTable,
-    InboundConnector,
     BlockPolicy,
+    ConnectorTable,
     DomainMatcher,
+    InboundConnector,
     StateStore,
     open_store,
 )
@@ -40,8 +41,12 @@ MATCHER = DomainMatcher.compile(
 # t0's and t1's on-premises servers connect from these ranges.
 CONNECTORS = ConnectorTable.compile(
     [
-        InboundConnector("t0-onprem", "t0", sender_ip_ranges=(ipaddress.ip_network("192.0.2.0/24"),)),
-        InboundConnector("t1-onprem", "t1", sender_ip_ranges=(ipaddress.ip_network("198.51.100.0/24"),)),
+        InboundConnector(
+            "t0-onprem", "t0", sender_ip_ranges=(ipaddress.ip_network("192.0.2.0/24"),)
+        ),
+        InboundConnector(
+            "t1-onprem", "t1", sender_ip_ranges=(ipaddress.ip_network("198.51.100.0/24"),)
+        ),
     ],
     MATCHER,
 )
@@ -73,20 +78,35 @@ def make_policy(store: StateStore) -> RelayPolicy:
     return RelayPolicy(MATCHER, CONNECTORS, POLICY, store)
 
 
-def timed(policy: RelayPolicy, batch: Sequence[RelayRequest], expect_accept: bool) -> float:
-    evaluate = policy.evaluate
-    started = time.perf_counter()
-    for request in batch:
-        decision = evaluate(request)
-    elapsed = time.perf_counter() - started
+def timed(
+    policy: RelayPolicy, batch: Sequence[RelayRequest], expect_accept: bool, size: int
+) -> float:
+    """Decisions per second: *batch* through ``evaluate`` one by one (*size* 0) or through
+    ``evaluate_many`` in chunks of *size*."""
+    if size == 0:
+        evaluate = policy.evaluate
+        started = time.perf_counter()
+        for request in batch:
+            decision = evaluate(request)
+        elapsed = time.perf_counter() - started
+    else:
+        chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+        evaluate_many = policy.evaluate_many
+        started = time.perf_counter()
+        for chunk in chunks:
+            decisions = evaluate_many(chunk)
+        elapsed = time.perf_counter() - started
+        decision = decisions[-1]
     assert decision.accepted is expect_accept, decision
     return len(batch) / elapsed
 
 
-def worker(url: str, kind: str, count: int, offset: int, queue: multiprocessing.Queue[float]) -> None:
+def worker(
+    url: str, kind: str, count: int, offset: int, size: int, queue: multiprocessing.Queue[float]
+) -> None:
     store = open_store(url)
     policy = make_policy(store)
-    queue.put(timed(policy, requests(kind, count, offset), kind != "refuse"))
+    queue.put(timed(policy, requests(kind, count, offset), kind != "refuse", size))
     store.close()
 
 
@@ -103,8 +123,19 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
         raise SystemExit("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", directory],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ],
         stdout=subprocess.DEVNULL,
     )
     for _ in range(100):
@@ -116,7 +147,13 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str]:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
-def measure(name: str, url: str, count: int, repeats: int, processes: int) -> dict[str, float]:
+def mode_name(size: int) -> str:
+    return "evaluate" if size == 0 else f"evaluate_many({size})"
+
+
+def measure(
+    name: str, url: str, count: int, repeats: int, processes: int, size: int
+) -> dict[str, float]:
     results: dict[str, float] = {}
     for kind, expect in KINDS:
         samples: list[float] = []
@@ -126,7 +163,7 @@ def measure(name: str, url: str, count: int, repeats: int, processes: int) -> di
                 policy = make_policy(store)
                 if kind == "refuse" and policy.status("t0").state.value == "active":
                     policy.block("t0", by="bench", reason="refuse path")
-                samples.append(timed(policy, requests(kind, count, 0), expect))
+                samples.append(timed(policy, requests(kind, count, 0), expect, size))
                 store.close()
             else:
                 if kind == "refuse":
@@ -137,7 +174,7 @@ def measure(name: str, url: str, count: int, repeats: int, processes: int) -> di
                 context = multiprocessing.get_context("spawn")
                 queue: multiprocessing.Queue[float] = context.Queue()
                 pool = [
-                    context.Process(target=worker, args=(url, kind, count, i * 7919, queue))
+                    context.Process(target=worker, args=(url, kind, count, i * 7919, size, queue))
                     for i in range(processes)
                 ]
                 for process in pool:
@@ -147,7 +184,11 @@ def measure(name: str, url: str, count: int, repeats: int, processes: int) -> di
                     process.join()
                 samples.append(sum(rates))
         results[kind] = statistics.median(samples)
-        print(f"  {name:8s} {processes}p {kind:18s} {results[kind]:>12,.0f} decisions/s", flush=True)
+        print(
+            f"  {name:8s} {processes}p {mode_name(size):18s} {kind:20s} "
+            f"{results[kind]:>12,.0f} decisions/s",
+            flush=True,
+        )
     return results
 
 
@@ -155,11 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stores", default="memory,sqlite,redis")
+    parser.add_argument(
+        "--batches", default="1,16,64", help="evaluate_many batch sizes ('' for evaluate only)"
+    )
     args = parser.parse_args(argv)
-    count, repeats = (2000, 3) if args.quick else (20000, 5)
+    count, repeats = (2000, 3) if args.quick else (20000, 3)
     stores = args.stores.split(",")
+    sizes = [0] + [int(b) for b in args.batches.split(",") if b]
     print(f"Python {sys.version.split()[0]}; {count} decisions per sample, median of {repeats}")
-    table: list[tuple[str, int, dict[str, float]]] = []
+    table: list[tuple[str, int, int, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as scratch:
         redis_process: subprocess.Popen[bytes] | None = None
         try:
@@ -191,18 +236,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     raise SystemExit(f"unknown store {name!r}")
                 for processes in (1,) if name == "memory" else (1, 2):
-                    cleanup()
-                    table.append((name, processes, measure(name, url, count, repeats, processes)))
+                    for size in sizes:
+                        cleanup()
+                        table.append(
+                            (
+                                name,
+                                processes,
+                                size,
+                                measure(name, url, count, repeats, processes, size),
+                            )
+                        )
         finally:
             if redis_process is not None:
                 redis_process.terminate()
                 redis_process.wait()
     print()
-    print("| store | processes | accept (registered) | accept (unregistered) | refuse |")
-    print("|---|---:|---:|---:|---:|")
-    for name, processes, results in table:
+    print("| store | processes | call | accept (registered) | accept (unregistered) | refuse |")
+    print("|---|---:|---|---:|---:|---:|")
+    for name, processes, size, results in table:
         print(
-            f"| {name} | {processes} | {results['accept_registered']:,.0f}/s "
+            f"| {name} | {processes} | `{mode_name(size)}` | {results['accept_registered']:,.0f}/s "
             f"| {results['accept_unregistered']:,.0f}/s | {results['refuse']:,.0f}/s |"
         )
     print("\ntargets (accept path, 1 process): memory >= 200k/s, SQLite >= 10k/s, Redis >= 20k/s")

@@ -7,10 +7,19 @@ worker process (the concurrency tests open the same store from several processes
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from domainpolicy import BlockMachine, BlockPolicy, StateStore, open_store
+from domainpolicy import (
+    BlockMachine,
+    BlockPolicy,
+    Effects,
+    InvalidEvent,
+    StateStore,
+    StoreUnavailable,
+    open_store,
+)
+from domainpolicy._stores import ObserveItem
 from redis_support import redis_url
 
 StoreUrl = Callable[[Path], str]
@@ -71,3 +80,63 @@ def worker(
 
 def open_for(url: str) -> StateStore:
     return open_store(url)
+
+
+def open_deterministic(url: str) -> StateStore:
+    """Open *url* with observations on the caller's clock (Redis: ``server_time=False``), so that
+    two stores given the same times agree exactly."""
+    if url.startswith("redis"):
+        return open_store(url, server_time=False)
+    return open_store(url)
+
+
+# Small limits with warnings, probation and a reachable suspension: every slow path of a store
+# (block, approaching-limit alert, suspension) happens within a few dozen observations.
+BATCH_POLICY = BlockPolicy(
+    window_seconds=40,
+    bucket_seconds=10,
+    message_limit=8,
+    domain_limit=3,
+    max_tracked_domains=5,
+    warn_fraction=0.5,
+    suspend_factor=2.0,
+    probation_seconds=100,
+    sample_size=3,
+)
+
+
+def effects_summary(effects: Effects) -> tuple[object, ...]:
+    """Everything observable in *effects*: decision, transitions and alerts with their times and
+    evidence (comparable across stores)."""
+    return (
+        effects.decision,
+        [(t.source, t.target, t.event, t.reason, t.at, t.evidence) for t in effects.transitions],
+        [(a.kind, a.message, a.at, a.evidence) for a in effects.alerts],
+    )
+
+
+def result_summary(result: object) -> object:
+    """One `observe_many` result (or `observe` outcome) made comparable: the effects summary, or
+    the type of the error."""
+    if isinstance(result, tuple):
+        return effects_summary(result[1])
+    return type(result)
+
+
+def observe_sequentially(
+    store: StateStore,
+    machine: BlockMachine,
+    items: Sequence[ObserveItem],
+    times: Sequence[float],
+) -> list[object]:
+    """Call `observe` for each item in turn; the summaries (errors included) in order."""
+    outcomes: list[object] = []
+    for (tenant, registered, registrable, weight), at in zip(items, times, strict=True):
+        try:
+            outcome: object = store.observe(
+                machine, tenant, at, registered=registered, registrable=registrable, weight=weight
+            )
+        except (StoreUnavailable, InvalidEvent) as exc:
+            outcome = exc
+        outcomes.append(result_summary(outcome))
+    return outcomes

@@ -448,3 +448,172 @@ def test_remove_domain_registered_elsewhere_is_recorded() -> None:
     state = policy.remove_domain("contoso", "spam0.example", by="admin")
     assert state.block is not None
     assert "spam0.example" not in state.block.registered
+
+
+# --------------------------------------------------------------------------- evaluate_many
+
+_REQUESTS = [
+    RelayRequest("alice@contoso.com"),
+    RelayRequest("bob@contoso.com", client_ip=ONPREM),
+    RelayRequest("carol@fabrikam.com"),
+    RelayRequest("<>"),
+    RelayRequest("a@@b", client_ip=ONPREM),
+    RelayRequest("x@[192.0.2.1]", client_ip=ONPREM),
+    RelayRequest("x@nobody.example"),
+    RelayRequest("x@spam1.example", client_ip=ONPREM),
+    RelayRequest("x@spam2.example", client_ip=ONPREM, recipients=("a@b.example", "c@d.example")),
+    RelayRequest("x@spam3.example", client_ip=ONPREM),
+    RelayRequest("x@spam4.example", tls_cert_name="mail.contoso.com", client_ip="203.0.113.9"),
+    RelayRequest("x@spam5.example", client_ip=ONPREM),
+]
+
+
+@given(
+    batches=st.lists(st.lists(st.sampled_from(_REQUESTS), max_size=20), min_size=1, max_size=5),
+    count=st.sampled_from(["messages", "recipients"]),
+    on=st.sampled_from(["memory", "sqlite"]),
+)
+@settings(max_examples=100)
+def test_evaluate_many_equals_sequential_evaluate(
+    batches: list[list[RelayRequest]], count: str, on: str
+) -> None:
+    """Random batches of requests (every path: accepted, blocked at the crossing message,
+    refused, uncounted) give exactly the decisions of evaluate one by one, and the same states
+    and audit trails."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        store: StateStore = MemoryStore() if on == "memory" else SQLiteStore(Path(scratch) / "s.db")
+        alerts: list[object] = []
+        expected_alerts: list[object] = []
+        batched = make(store, count=count, on_alert=alerts.append)
+        sequential = make(count=count, on_alert=expected_alerts.append)
+        try:
+            for batch in batches:
+                expected = [sequential.evaluate(request) for request in batch]
+                assert batched.evaluate_many(batch) == expected
+            for tenant in ("contoso", "fabrikam"):
+                assert (
+                    batched.store.load(tenant).to_dict() == sequential.store.load(tenant).to_dict()
+                )
+                assert [r.to_dict() for r in batched.store.history(tenant)] == [
+                    r.to_dict() for r in sequential.store.history(tenant)
+                ]
+            assert alerts == expected_alerts
+        finally:
+            store.close()
+
+
+def test_evaluate_many_of_nothing_is_nothing() -> None:
+    """An empty batch gives no decisions and counts nothing."""
+    policy = make()
+    assert policy.evaluate_many([]) == []
+    assert policy.evaluate_many(iter(())) == []
+    assert policy.store.tenants() == []
+
+
+def test_evaluate_many_store_failure_is_a_temporary_failure() -> None:
+    """With a failing store every counted message of the batch is 451 4.3.0 and uncounted;
+    the decisions that need no counting are unchanged."""
+    batch = [_REQUESTS[0], _REQUESTS[6], _REQUESTS[7], _REQUESTS[3], _REQUESTS[4]]
+    decisions = make(FailingStore()).evaluate_many(batch)
+    assert [d.reason for d in decisions] == [
+        "store_unavailable",
+        "no_tenant",
+        "store_unavailable",
+        "null_sender",
+        "bad_sender",
+    ]
+    assert [d.reply.status for d in decisions] == ["4.3.0", "5.7.64", "4.3.0", "2.1.0", "5.1.7"]
+    assert not any(d.counted for d in decisions)
+    assert decisions[2].tenant == "contoso"
+
+
+def test_evaluate_many_fail_open_only_by_explicit_choice() -> None:
+    """fail_open=True accepts the counted messages of a failed batch uncounted, and says so."""
+    decisions = make(FailingStore(), fail_open=True).evaluate_many(_REQUESTS[:2])
+    assert [(d.outcome, d.reason, d.counted) for d in decisions] == [
+        (Outcome.ACCEPT, "store_unavailable_fail_open", False)
+    ] * 2
+
+
+def test_evaluate_many_sqlite_failure_fails_the_whole_batch(tmp_path: Path) -> None:
+    """SQLite counts a batch in one transaction: when it cannot, every counted message of the
+    batch is 451 and none is counted."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    with SQLiteStore(path, timeout=0.05) as store:
+        policy = make(store)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            decisions = policy.evaluate_many(_REQUESTS[:3])
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert [d.reason for d in decisions] == ["store_unavailable"] * 3
+        assert store.tenants() == []
+
+
+class BrokenBatchStore(MemoryStore):
+    """observe_many raises an unexpected error (a bug), or returns too few results."""
+
+    def __init__(self, short: bool) -> None:
+        super().__init__()
+        self.short = short
+
+    def observe_many(self, machine: BlockMachine, items: Any, now: Any) -> list[Any]:
+        if self.short:
+            return []
+        raise KeyError("bug")
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_evaluate_many_never_raises_on_a_broken_store(short: bool) -> None:
+    """A store bug in observe_many makes each counted message an internal-error tempfail."""
+    decisions = make(BrokenBatchStore(short)).evaluate_many([_REQUESTS[0], _REQUESTS[3]])
+    assert [(d.reason, d.reply.code) for d in decisions] == [
+        ("internal_error", 451),
+        ("null_sender", 250),
+    ]
+
+
+def test_evaluate_many_clock_failure_is_per_message() -> None:
+    """A clock that fails for one message tempfails that message only."""
+    calls = iter([NOW, None, NOW + 2])
+
+    def clock() -> float:
+        value = next(calls)
+        if value is None:
+            raise StoreUnavailable("no time")
+        return value
+
+    policy = RelayPolicy(MATCHER, CONNECTORS, POLICY, MemoryStore(), clock=clock)
+    decisions = policy.evaluate_many([_REQUESTS[0], _REQUESTS[1], _REQUESTS[2]])
+    assert [d.reason for d in decisions] == [
+        "accepted_domain",
+        "store_unavailable",
+        "accepted_domain",
+    ]
+
+
+def test_evaluate_many_async_shares_the_logic() -> None:
+    """evaluate_many_async gives the decisions of evaluate_many."""
+    decisions = asyncio.run(make().evaluate_many_async(iter(_REQUESTS)))
+    assert decisions == make().evaluate_many(_REQUESTS)
+
+
+def test_default_clock_for_observations_is_the_store_observation_clock() -> None:
+    """Without a clock, counting reads StateStore.observation_clock: plain time for the embedded
+    stores, the store's own now when it has one."""
+    import time
+
+    assert MemoryStore().observation_clock() is time.time
+
+    class Slow(FailingStore):
+        def now(self) -> float:
+            return 5.0
+
+    policy = RelayPolicy(MATCHER, CONNECTORS, POLICY, Slow())
+    assert policy._observe_clock() == 5.0

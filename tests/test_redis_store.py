@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -460,6 +462,184 @@ def test_wrong_key_type_raises_store_unavailable(url: str) -> None:
         client.set("dp:{u}:audit", "x")
         with pytest.raises(StoreUnavailable):
             store.history("u")
+
+
+# --------------------------------------------------------------------------- batches
+
+SPAM_A = ("t", False, "a.example", 1)
+
+
+def _count_rounds(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the number of items of each pipelined round the store sends."""
+    sizes: list[int] = []
+    send = store._round
+
+    def spy(batch: Any, prepared: Any, pending: Any) -> Any:
+        sizes.append(len(pending))
+        return send(batch, prepared, pending)
+
+    monkeypatch.setattr(store, "_round", spy)
+    return sizes
+
+
+def test_batch_without_state_change_is_one_round(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that changes no state is one pipelined round trip, and leaves no round counter
+    behind."""
+    machine = BlockMachine(POLICIES[2])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        store.observe(machine, "t", NOW, registered=True, registrable=None)  # loads the script
+        rounds = _count_rounds(store, monkeypatch)
+        items = [("t", True, None, 1), ("u", True, None, 1)] * 10
+        results = store.observe_many(machine, items, NOW)
+        assert rounds == [20]
+        assert all(isinstance(r, tuple) for r in results)
+        assert store.load("t").window.total == 11
+        assert client.exists("dp:{t}:seq") == 0
+
+
+def test_items_after_a_slow_item_wait_for_it(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The item that blocks takes the slow path; the tenant's later items of the batch are not
+    counted against the state before the block but sent again after it, while other tenants'
+    items go through in the first round."""
+    policy = POLICIES[2]  # message_limit 4, warn at 2
+    machine = BlockMachine(policy)
+    with RedisStore.from_url(url, server_time=False) as store:
+        rounds = _count_rounds(store, monkeypatch)
+        store.observe_many(machine, [("u", True, None, 1)], NOW)  # loads the script
+        del rounds[:]
+        items = [SPAM_A] * 8 + [("u", True, None, 1)] * 3
+        results = store.observe_many(machine, items, NOW)
+        reference = MemoryStore()
+        reference.observe(machine, "u", NOW, registered=True, registrable=None)
+        expected = [
+            _summary(reference.observe(machine, t, NOW, registered=r, registrable=d, weight=w)[1])
+            for t, r, d, w in items
+        ]
+        assert [_summary(r[1]) for r in results if isinstance(r, tuple)] == expected
+        decisions = [e[0] for e in expected[:8]]
+        assert decisions.count(decisions[0]) == policy.message_limit
+        assert store.load("t").to_dict() == reference.load("t").to_dict()
+        # round 1: everything; the warning is slow, t's later items wait; then the block
+        assert rounds[0] == 11
+        assert len(rounds) >= 3
+
+
+def test_batches_of_two_mtas_count_exactly(url: str) -> None:
+    """Two stores (two MTAs) x 3 threads sending batches of 7 on one tenant: every item
+    counted once, the block exactly once."""
+    machine = BlockMachine(POLICIES[0])
+    accepted: list[bool] = []
+    lock = threading.Lock()
+    with (
+        RedisStore.from_url(url, server_time=False) as one,
+        RedisStore.from_url(url, server_time=False) as two,
+    ):
+
+        def run(store: RedisStore) -> None:
+            for _ in range(8):
+                results = store.observe_many(machine, [SPAM_A] * 7, NOW)
+                with lock:
+                    for result in results:
+                        assert isinstance(result, tuple), result
+                        assert result[1].decision is not None
+                        accepted.append(result[1].decision.accepted)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in (one, two) * 3]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert one.load("t").window.unregistered == 6 * 8 * 7
+        assert accepted.count(True) == POLICIES[0].message_limit
+        assert [r.after for r in one.history("t")][:1] == ["blocked"]
+        assert [r.after for r in one.history("t")].count("blocked") == 1
+
+
+def test_batch_survives_script_cache_flush(url: str) -> None:
+    """After SCRIPT FLUSH a batch reloads the script and counts every item once."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        store.observe_many(machine, [SPAM_A] * 3, NOW)
+        client.script_flush()
+        results = store.observe_many(machine, [SPAM_A] * 3 + [("u", True, None, 1)], NOW)
+        assert all(isinstance(r, tuple) for r in results)
+        assert store.load("t").window.unregistered == 6
+
+
+def test_batch_on_a_stopped_server_fails_every_item(tmp_path: Path) -> None:
+    """A server that went away: every item of a batch is StoreUnavailable, nothing raised."""
+    machine = BlockMachine(POLICIES[0])
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with RedisStore.from_url(server.url, server_time=False) as store:
+            store.observe_many(machine, [SPAM_A], NOW)
+            server.stop()
+            results = store.observe_many(machine, [SPAM_A, ("u", True, None, 1)], NOW)
+            assert [type(r) for r in results] == [StoreUnavailable, StoreUnavailable]
+    finally:
+        server.stop()
+
+
+def test_batch_corrupt_tenant_fails_only_its_items(url: str) -> None:
+    """A tenant with a corrupt stored state gets StoreUnavailable for each of its items, as
+    observe would raise; the other tenants of the batch are counted."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=False) as store, redis.Redis.from_url(url) as client:
+        store.observe(machine, "t", NOW, registered=False, registrable="a.example")
+        client.hset("dp:{t}:state", "st", "weird")
+        items = [SPAM_A, ("u", True, None, 1), SPAM_A, ("u", True, None, 1)]
+        results = store.observe_many(machine, items, NOW)
+        assert [type(r) for r in results] == [StoreUnavailable, tuple, StoreUnavailable, tuple]
+        assert store.load("u").window.total == 2
+
+
+def test_observation_clock_skips_server_time_round_trip(url: str) -> None:
+    """With server_time the policy may read the local clock for observations (the script uses
+    the server's TIME anyway); without it, the server's clock."""
+    with (
+        RedisStore.from_url(url) as served,
+        RedisStore.from_url(url, server_time=False) as local,
+    ):
+        assert served.observation_clock() is time.time
+        assert local.observation_clock() == local.now
+
+
+_mta_batch = st.tuples(
+    st.sampled_from([0.0, 0.0, 1.0, 10.0, 30.0]),
+    st.lists(
+        st.tuples(st.sampled_from(["x", "x", "y"]), st.booleans(), st.sampled_from(DOMAINS[:5])),
+        max_size=25,
+    ),
+)
+
+
+@given(policy=st.sampled_from(POLICIES), batches=st.lists(_mta_batch, min_size=1, max_size=8))
+def test_batches_from_two_mtas_match_memory_store(
+    shared_redis: tuple[RedisStore, RedisStore],
+    policy: BlockPolicy,
+    batches: list[tuple[float, list[tuple[str, bool, str]]]],
+) -> None:
+    """Batches sent through two RedisStores in turns (each one's copy of the state goes stale)
+    give the same effects, states and audit trail as observe one by one on a MemoryStore."""
+    machine = BlockMachine(policy)
+    memory = MemoryStore()
+    run = next(_tenant_ids)
+    now = NOW
+    for i, (step, raw) in enumerate(batches):
+        now += step
+        items = [(f"{t}{run}", r, None if r else d, 1) for t, r, d in raw]
+        expected = [
+            _summary(memory.observe(machine, t, now, registered=r, registrable=d, weight=w)[1])
+            for t, r, d, w in items
+        ]
+        got = shared_redis[i % 2].observe_many(machine, items, now)
+        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in got] == expected
+    for tenant in (f"x{run}", f"y{run}"):
+        assert shared_redis[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
+        assert [r.to_dict() for r in shared_redis[1].history(tenant)] == [
+            r.to_dict() for r in memory.history(tenant)
+        ]
 
 
 # --------------------------------------------------------------------------- durability

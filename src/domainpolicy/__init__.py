@@ -75,7 +75,16 @@ from ._replies import (
     ReplyCode,
     sanitize_reply_text,
 )
-from ._stores import AuditRecord, MemoryStore, Mutation, SQLiteStore, StateStore, open_store
+from ._stores import (
+    AuditRecord,
+    MemoryStore,
+    Mutation,
+    ObserveItem,
+    ObserveResult,
+    SQLiteStore,
+    StateStore,
+    open_store,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -175,6 +184,8 @@ __all__ = [
     "AuditRecord",
     "MemoryStore",
     "Mutation",
+    "ObserveItem",
+    "ObserveResult",
     "SQLiteStore",
     "StateStore",
     "open_store",

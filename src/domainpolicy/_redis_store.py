@@ -10,6 +10,7 @@ one slot and one Lua script may touch them together::
     <prefix>{<tenant>}:bu        hash: bucket index -> unregistered weight (u[k]; absent = 0)
     <prefix>{<tenant>}:dom       hash: registrable domain -> bucket last seen (last[d])
     <prefix>{<tenant>}:audit     list: audit records (JSON), oldest first
+    <prefix>{<tenant>}:seq       hash: observe_many round token -> items applied (60 s TTL)
     <prefix>tenants              set: every tenant id seen (an admin index, not per slot)
 
 ``<prefix>`` defaults to ``dp:``.  ``<tenant>`` is the tenant id percent-encoded (UTF-8; every
@@ -47,6 +48,14 @@ block happens once, at the crossing message, whatever the number of MTAs: concur
 that see the crossing all go to the slow path, one compare-and-set wins, the others retry and
 find the tenant blocked.  Administrative events (`RedisStore.apply`) read a snapshot, run the
 mutation in Python and write with the same compare-and-set (bounded retries).
+
+Batches
+-------
+`RedisStore.observe_many` pipelines the hot-path scripts of a batch (one round trip when nothing
+changes state).  A script of a batch carries the round's token and its rank ``k`` among the
+tenant's items of the round and applies nothing (``deferred``) unless the tenant's ``k`` earlier
+items of the round were applied, so the items after a slow one are sent again after it has been
+written: the results are those of `observe` called for each item in turn.
 
 Server time and clock skew
 --------------------------
@@ -89,18 +98,21 @@ that may have run is never sent twice), a script error, corrupt data -- is raise
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Final, cast
 from urllib.parse import quote
 
 import attrs
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from ._blockstate import (
@@ -115,7 +127,15 @@ from ._blockstate import (
     Verdict,
 )
 from ._errors import InvalidConfiguration, StoreUnavailable, shown
-from ._stores import AuditRecord, Mutation, StateStore, audit_records
+from ._stores import (
+    AuditRecord,
+    Mutation,
+    ObserveItem,
+    ObserveResult,
+    StateStore,
+    audit_records,
+    batch_times,
+)
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisStore"]
 
@@ -132,11 +152,19 @@ _MAX_NOW: Final = 1e12
 # --------------------------------------------------------------------------- Lua
 
 _OBSERVE_LUA: Final = r"""
--- KEYS: 1 state, 2 bt, 3 bu, 4 dom
+-- KEYS: 1 state, 2 bt, 3 bu, 4 dom, [5 seq: batches only]
 -- ARGV: 1 now ('' = server TIME), 2 registered ('1'/'0'), 3 registrable, 4 weight,
 --       5 S, 6 N, 7 CAP, 8 M, 9 D, 10 WM, 11 WD, 12 PM, 13 PD, 14 PWM, 15 PWD, 16 SM,
---       17 R ('' = none), 18 the version the caller holds ('' = none)
+--       17 R ('' = none), 18 the version the caller holds ('' = none),
+--       batches only: 19 the round's token, 20 k = this tenant's earlier items in the round,
+--       21 '1' when more items of this tenant follow in the round
 if redis.replicate_commands then pcall(redis.replicate_commands) end
+local token = ARGV[19] or ''
+local k = tonumber(ARGV[20]) or 0
+if token ~= '' and k > 0 and tonumber(redis.call('HGET', KEYS[5], token)) ~= k then
+  -- an earlier item of this tenant in this round was not applied (slow, error): apply nothing
+  return {'deferred'}
+end
 local now
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -241,6 +269,15 @@ if not registered then
 end
 redis.call('HSET', KEYS[1], 'v', string.format('%d', v + 1), 'st', st, 'head', hk,
            'T', string.format('%d', T), 'U', string.format('%d', U))
+if token ~= '' then
+  -- count this tenant's applied items of the round (the next one checks it)
+  if ARGV[21] == '1' then
+    redis.call('HSET', KEYS[5], token, string.format('%d', k + 1))
+    redis.call('PEXPIRE', KEYS[5], 60000)
+  elseif k > 0 then
+    redis.call('HDEL', KEYS[5], token)
+  end
+end
 if tonumber(ARGV[18]) == v then
   -- the caller holds version v: it applies the same counts to its copy
   return {decision, nowstr, v + 1}
@@ -305,6 +342,11 @@ def _text(value: object) -> str:
     raise TypeError(f"expected a Redis string, got {shown(value)}")
 
 
+def _deferred(reply: object) -> bool:
+    """True for the batch script's ``deferred`` answer (it applied nothing)."""
+    return isinstance(reply, list) and len(reply) == 1 and reply[0] in (b"deferred", "deferred")
+
+
 def _pairs(flat: object) -> dict[str, str]:
     if not isinstance(flat, list) or len(flat) % 2:
         raise TypeError(f"expected a flat list of field/value pairs, got {shown(flat)}")
@@ -338,13 +380,14 @@ def _limit_args(policy: BlockPolicy) -> tuple[str, ...]:
 class _Keys:
     """The keys of one tenant (all in one Cluster slot)."""
 
-    __slots__ = ("audit", "scripted", "state")
+    __slots__ = ("audit", "batched", "scripted", "state")
 
     def __init__(self, prefix: str, tenant: str) -> None:
         base = f"{prefix}{{{quote(tenant, safe=_SAFE)}}}:"
         self.state = base + "state"
         self.audit = base + "audit"
         self.scripted = [self.state, base + "bt", base + "bu", base + "dom"]
+        self.batched = [*self.scripted, base + "seq"]
 
 
 class RedisStore(StateStore):
@@ -424,6 +467,9 @@ class RedisStore(StateStore):
         self._limits: dict[BlockPolicy, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # observe_many: unique round tokens (this process and store, then a counter)
+        self._token_base = f"{os.getpid():x}.{os.urandom(6).hex()}."
+        self._rounds = itertools.count()
 
     @classmethod
     def from_url(
@@ -661,27 +707,20 @@ class RedisStore(StateStore):
             raise self._fail("TIME", exc) from exc
         return float(seconds) + int(micros) / 1000000
 
-    def observe(
+    def _observe_args(
         self,
         machine: BlockMachine,
         tenant: str,
         now: float,
-        *,
         registered: bool,
         registrable: str | None,
-        weight: int = 1,
-    ) -> tuple[TenantState, Effects]:
-        """Count one relayed message atomically (one Lua script; see the module docstring).
-
-        With ``server_time=True`` the server's ``TIME`` replaces *now* (which must still be
-        valid).  *weight* must be below 2**31 in this store.
+        weight: int,
+    ) -> tuple[_Keys, list[str]]:
+        """The keys and script arguments of one observation (the held version left blank).
 
         Raises:
-            StoreUnavailable: Redis failed or timed out; the message may or may not have been
-                counted if the failure came after the script was sent.
-            InvalidEvent: the arguments are malformed; nothing was counted.
+            InvalidEvent: the arguments are malformed.
         """
-        self._check_open()
         try:
             valid = (
                 0.0 <= now < _MAX_NOW
@@ -712,6 +751,90 @@ class RedisStore(StateStore):
             *limits,
             "",
         ]
+        return keys, args
+
+    def _settle(
+        self,
+        machine: BlockMachine,
+        tenant: str,
+        keys: _Keys,
+        reply: object,
+        registered: bool,
+        registrable: str | None,
+        weight: int,
+    ) -> tuple[tuple[TenantState, Effects] | None, bool]:
+        """Turn the hot-path script's reply into ``(state, effects)``, running the slow path
+        (the machine in Python, then compare-and-set) when the script answered ``slow``.
+
+        Returns:
+            ``(outcome, created)``: *outcome* is None when the compare-and-set lost to another
+            writer (observe again); *created* is True when the script created the tenant (it
+            must be added to the registry).
+
+        Raises:
+            StoreUnavailable: Redis failed, or the reply or the stored state is corrupt.
+        """
+        if not isinstance(reply, list) or len(reply) not in (3, 6, 7):
+            raise StoreUnavailable(f"Redis store: unexpected observe reply {shown(reply)}")
+        try:
+            outcome, at = _text(reply[0]), float(_text(reply[1]))
+        except (TypeError, ValueError) as exc:
+            raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}") from exc
+        if outcome != "slow":
+            effects = _EFFECTS.get(outcome)
+            if effects is None or not isinstance(reply[2], int):
+                raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}")
+            version = reply[2]
+            if len(reply) == 3:
+                counted = self._counted(
+                    machine, tenant, version, at, effects, registered, registrable, weight
+                )
+                if counted is not None:
+                    return (counted, effects), version == 1
+                version, state = self._read(tenant, keys)  # our copy moved on meanwhile
+            else:
+                version, state = self._parse(tenant, reply[3:])
+            self._remember(tenant, version, state)
+            return (state, effects), reply[2] == 1
+        if len(reply) != 6:
+            raise StoreUnavailable(f"Redis store: unexpected observe reply {shown(reply)}")
+        version, state = self._parse(tenant, reply[2:])
+        before = state.state
+        new, effects = machine.observe(
+            state, at, registered=registered, registrable=registrable, weight=weight
+        )
+        records = audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
+        if self._write(tenant, keys, version, new, records) is not None:
+            return (new, effects), False  # _write registers a tenant it creates
+        return None, False
+
+    def observation_clock(self) -> Callable[[], float]:
+        """`time.time` with ``server_time=True`` (the script reads the server's ``TIME`` and
+        only validates the caller's *now*), else `now` (the server's ``TIME``)."""
+        return time.time if self.server_time else self.now
+
+    def observe(
+        self,
+        machine: BlockMachine,
+        tenant: str,
+        now: float,
+        *,
+        registered: bool,
+        registrable: str | None,
+        weight: int = 1,
+    ) -> tuple[TenantState, Effects]:
+        """Count one relayed message atomically (one Lua script; see the module docstring).
+
+        With ``server_time=True`` the server's ``TIME`` replaces *now* (which must still be
+        valid).  *weight* must be below 2**31 in this store.
+
+        Raises:
+            StoreUnavailable: Redis failed or timed out; the message may or may not have been
+                counted if the failure came after the script was sent.
+            InvalidEvent: the arguments are malformed; nothing was counted.
+        """
+        self._check_open()
+        keys, args = self._observe_args(machine, tenant, now, registered, registrable, weight)
         self._register(tenant)
         for attempt in range(self.max_attempts):
             held = self._cache.get(tenant)
@@ -720,45 +843,192 @@ class RedisStore(StateStore):
                 reply = self._observe(keys=keys.scripted, args=args)
             except redis.RedisError as exc:
                 raise self._fail(f"observe for tenant {shown(tenant)}", exc) from exc
-            if not isinstance(reply, list) or len(reply) not in (3, 6, 7):
-                raise StoreUnavailable(f"Redis store: unexpected observe reply {shown(reply)}")
-            try:
-                outcome, at = _text(reply[0]), float(_text(reply[1]))
-            except (TypeError, ValueError) as exc:
-                raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}") from exc
-            if outcome != "slow":
-                effects = _EFFECTS.get(outcome)
-                if effects is None or not isinstance(reply[2], int):
-                    raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}")
-                version = reply[2]
-                if version == 1:
-                    self._register(tenant, force=True)
-                if len(reply) == 3:
-                    counted = self._counted(
-                        machine, tenant, version, at, effects, registered, registrable, weight
-                    )
-                    if counted is not None:
-                        return counted, effects
-                    version, state = self._read(tenant, keys)  # our copy moved on meanwhile
-                else:
-                    version, state = self._parse(tenant, reply[3:])
-                self._remember(tenant, version, state)
-                return state, effects
-            if len(reply) != 6:
-                raise StoreUnavailable(f"Redis store: unexpected observe reply {shown(reply)}")
-            version, state = self._parse(tenant, reply[2:])
-            before = state.state
-            new, effects = machine.observe(
-                state, at, registered=registered, registrable=registrable, weight=weight
+            outcome, created = self._settle(
+                machine, tenant, keys, reply, registered, registrable, weight
             )
-            records = audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
-            if self._write(tenant, keys, version, new, records) is not None:
-                return new, effects
+            if created:
+                self._register(tenant, force=True)
+            if outcome is not None:
+                return outcome
             self._backoff(attempt)
         raise StoreUnavailable(
             f"Redis store: observe for tenant {shown(tenant)} lost {self.max_attempts} "
             "compare-and-set races in a row"
         )
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """`StateStore.observe_many` with the hot-path scripts of the batch pipelined: one round
+        trip for the whole batch when nothing changes state.
+
+        The batch is sent in *rounds*, each one ``EVALSHA`` per pending item in a
+        non-transactional pipeline, the replies processed in order.  Every script of a round
+        carries the round's token and its rank ``k`` among that tenant's items in the round;
+        the script applies item ``k > 0`` only if the tenant's ``k`` earlier items of the round
+        were all applied (a counter under the token in ``<prefix>{<tenant>}:seq``), and
+        otherwise answers ``deferred`` and applies nothing.  So when an item takes the slow
+        path (it would block, suspend or warn: the script applies nothing and Python runs the
+        machine and a compare-and-set), or fails, or met a flushed script cache, the tenant's
+        later items of the round are not counted against the state before it: they go to the
+        next round, after the slow item has been written.  Other MTAs may interleave their
+        observations anywhere, exactly as between calls to `observe`.
+
+        The results (decisions, effects, audit records, final states) are those of calling
+        `observe` for each item in turn.  Each item is validated as `observe` validates it
+        (an `InvalidEvent` result, never sent).  A Redis failure during a round gives every
+        item of that round the `StoreUnavailable`; like `observe`, an item whose script was
+        sent may or may not have been counted, and is never counted twice.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult | None] = [None] * len(batch)
+        if self._closed:
+            closed = StoreUnavailable("Redis store is closed")
+            return [closed] * len(batch)
+        prepared: dict[int, tuple[_Keys, list[str]]] = {}
+        for index, ((tenant, registered, registrable, weight), at) in enumerate(
+            zip(batch, times, strict=True)
+        ):
+            try:
+                prepared[index] = self._observe_args(
+                    machine, tenant, at, registered, registrable, weight
+                )
+            except InvalidEvent as exc:
+                results[index] = exc
+        unknown = sorted({batch[i][0] for i in prepared} - self._known)
+        if unknown:
+            try:
+                self._client.sadd(self._registry, *unknown)
+            except redis.RedisError as exc:
+                failed = self._fail("tenant registration", exc)
+                for index in [i for i in prepared if batch[i][0] in unknown]:
+                    results[index] = failed
+                    del prepared[index]
+            else:
+                self._known.update(unknown)
+        pending = list(prepared)
+        attempts: dict[int, int] = {}
+        reloads = 0
+        while pending:
+            replies = self._round(batch, prepared, pending)
+            if isinstance(replies, StoreUnavailable):
+                for index in pending:
+                    results[index] = replies
+                break
+            retry: list[int] = []
+            waiting: set[str] = set()  # tenants with an item left for the next round
+            created: dict[str, list[int]] = {}
+            for index, reply in zip(pending, replies, strict=True):
+                tenant, registered, registrable, weight = batch[index]
+                if _deferred(reply):
+                    retry.append(index)
+                    waiting.add(tenant)
+                    continue
+                if isinstance(reply, NoScriptError):  # the script cache was flushed: not run
+                    if reloads >= 3:
+                        results[index] = self._fail(f"observe for tenant {shown(tenant)}", reply)
+                        continue
+                    retry.append(index)
+                    waiting.add(tenant)
+                    continue
+                if tenant in waiting:  # pragma: no cover - the script's guard makes this impossible
+                    results[index] = StoreUnavailable(
+                        f"Redis store: batch order broken for tenant {shown(tenant)}"
+                    )
+                    continue
+                if isinstance(reply, Exception):
+                    results[index] = self._fail(f"observe for tenant {shown(tenant)}", reply)
+                    continue
+                keys = prepared[index][0]
+                try:
+                    outcome, new = self._settle(
+                        machine, tenant, keys, reply, registered, registrable, weight
+                    )
+                except StoreUnavailable as exc:
+                    results[index] = exc
+                    continue
+                if new:
+                    created.setdefault(tenant, []).append(index)
+                if outcome is not None:
+                    results[index] = outcome
+                    continue
+                attempts[index] = tries = attempts.get(index, 0) + 1
+                if tries >= self.max_attempts:
+                    results[index] = StoreUnavailable(
+                        f"Redis store: observe for tenant {shown(tenant)} lost "
+                        f"{self.max_attempts} compare-and-set races in a row"
+                    )
+                    continue
+                self._backoff(tries - 1)
+                retry.append(index)
+                waiting.add(tenant)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                reloads += 1
+                try:
+                    self._observe.sha = self._client.script_load(_OBSERVE_LUA)
+                except redis.RedisError as exc:
+                    failed = self._fail("script load", exc)
+                    for index in retry:
+                        results[index] = failed
+                    retry = []
+            if created:
+                try:
+                    self._client.sadd(self._registry, *created)
+                except redis.RedisError as exc:
+                    failed = self._fail("tenant registration", exc)
+                    for indexes in created.values():
+                        for index in indexes:
+                            results[index] = failed
+                else:
+                    self._known.update(created)
+            pending = retry
+        return cast(list[ObserveResult], results)
+
+    def _round(
+        self,
+        batch: Sequence[ObserveItem],
+        prepared: Mapping[int, tuple[_Keys, list[str]]],
+        pending: Sequence[int],
+    ) -> list[object] | StoreUnavailable:
+        """Send one round of a batch: an ``EVALSHA`` per pending item, pipelined; return the
+        replies in order (an exception object for an item whose script failed), or the
+        `StoreUnavailable` of a failed round trip."""
+        token = f"{self._token_base}{next(self._rounds)}"
+        total: dict[str, int] = {}
+        for index in pending:
+            tenant = batch[index][0]
+            total[tenant] = total.get(tenant, 0) + 1
+        rank: dict[str, int] = {}
+        sha = self._observe.sha
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                for index in pending:
+                    tenant = batch[index][0]
+                    keys, args = prepared[index]
+                    k = rank.get(tenant, 0)
+                    rank[tenant] = k + 1
+                    held = self._cache.get(tenant)
+                    args[-1] = "" if held is None else str(held[0] + k)
+                    pipe.evalsha(
+                        sha,
+                        5,
+                        *keys.batched,
+                        *args,
+                        token,
+                        str(k),
+                        "1" if k + 1 < total[tenant] else "0",
+                    )
+                replies: list[object] = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            return self._fail(f"observe batch of {len(pending)}", exc)
+        return replies
 
     def apply(
         self,

@@ -11,6 +11,9 @@ The contract
   run `BlockMachine.observe`, write the state and any audit records, as one transaction.  Under
   concurrent writers (threads, processes, MTAs) no count is lost, and the block happens once, at
   the message that crosses the limit.
+* `StateStore.observe_many` applies a batch of observations in order, with the same results as
+  calling `observe` for each in turn; stores batch the work (SQLite: one transaction; Redis: one
+  pipelined round trip), and a failure is reported per observation instead of raised.
 * `StateStore.apply` runs an administrative event (register a domain, approve an unblock...) the
   same way, and writes its audit record in the same transaction.  An event the machine refuses
   (`InvalidTransition`) changes nothing and writes nothing.
@@ -27,15 +30,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 
 from ._blockstate import (
     BlockMachine,
     Effects,
+    InvalidEvent,
     InvalidTenantState,
     State,
     TenantState,
@@ -47,6 +51,8 @@ __all__ = [
     "AuditRecord",
     "MemoryStore",
     "Mutation",
+    "ObserveItem",
+    "ObserveResult",
     "SQLiteStore",
     "StateStore",
     "open_store",
@@ -54,6 +60,32 @@ __all__ = [
 
 Mutation = Callable[[TenantState, float], tuple[TenantState, Effects]]
 """An administrative event bound to its arguments: ``(state, now) -> (new_state, effects)``."""
+
+ObserveItem = tuple[str, bool, str | None, int]
+"""One observation of a batch (`StateStore.observe_many`): ``(tenant, registered, registrable,
+weight)``, the arguments of `StateStore.observe` in that order."""
+
+ObserveResult = tuple[TenantState, Effects] | StoreUnavailable | InvalidEvent
+"""The outcome of one observation of a batch: what `StateStore.observe` would have returned
+(``(state, effects)``), or the error it would have raised (`StoreUnavailable`, `InvalidEvent`)."""
+
+
+def batch_times(now: float | Sequence[float], count: int) -> Sequence[float]:
+    """The time of each of *count* observations: *now* itself when it is one number (or anything
+    but a sequence: `observe` then reports it as invalid), else the sequence, which must have
+    one time per observation.
+
+    Raises:
+        InvalidEvent: *now* is a sequence of another length.
+    """
+    if isinstance(now, Sequence) and not isinstance(now, str | bytes):
+        if len(now) != count:
+            raise InvalidEvent(
+                f"observe_many: {len(now)} times for {count} observations (one per observation, "
+                "or one number for all)"
+            )
+        return now
+    return [now] * count  # type: ignore[list-item]
 
 
 def _jsonable(value: object) -> Any:
@@ -221,6 +253,18 @@ class StateStore(abc.ABC):
         """The store's clock in UTC epoch seconds (Redis: the server's ``TIME``)."""
         return time.time()
 
+    def observation_clock(self) -> Callable[[], float]:
+        """The clock to read for the *now* of `observe` when the caller has none of its own.
+
+        `now` by default (plain `time.time` when the store does not override `now`).  A store
+        that replaces the observation's time with its own (`RedisStore` with ``server_time``)
+        returns the local clock instead, so that no round trip is spent on a time it ignores.
+        """
+        now = self.now
+        if getattr(now, "__func__", None) is StateStore.now:
+            return time.time
+        return now
+
     @abc.abstractmethod
     def observe(
         self,
@@ -238,6 +282,54 @@ class StateStore(abc.ABC):
             StoreUnavailable: the store failed; nothing was counted.
             InvalidEvent: the observation's arguments are malformed; nothing was counted.
         """
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """Count a batch of relayed messages, in order, as if `observe` were called for each.
+
+        Each item is ``(tenant, registered, registrable, weight)`` (`ObserveItem`); *now* is one
+        time for the whole batch or a sequence with one time per item.  The result has one entry
+        per item, in order: ``(state, effects)`` as `observe` would have returned it at that
+        point, or the `StoreUnavailable` / `InvalidEvent` it would have raised.  A failed item
+        does not stop the others, and items of different tenants never affect each other.
+
+        Decisions, effects (transitions, alerts, their times and evidence), audit records and
+        the final stored states are exactly those of calling `observe` for each item in turn.
+        As with `observe`, a returned state may be the store's working copy of the tenant
+        (memory, SQLite), which later observations of that tenant -- including later items of
+        the same batch -- update in place: read it at once or ignore it.  Stores batch the
+        work: SQLite applies the whole batch in one transaction (so a store failure fails every
+        item of the batch, and none is counted), Redis sends it in one pipelined round trip.
+        This default implementation calls `observe` for each item.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items; nothing
+                was counted.  Every other failure is reported per item, never raised.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult] = []
+        append = results.append
+        observe = self.observe
+        for (tenant, registered, registrable, weight), at in zip(batch, times, strict=True):
+            try:
+                append(
+                    observe(
+                        machine,
+                        tenant,
+                        at,
+                        registered=registered,
+                        registrable=registrable,
+                        weight=weight,
+                    )
+                )
+            except (StoreUnavailable, InvalidEvent) as exc:
+                append(exc)
+        return results
 
     @abc.abstractmethod
     def apply(
@@ -323,14 +415,55 @@ class MemoryStore(StateStore):
                 state = TenantState.new(tenant)
             # observe() validates its arguments before counting anything; at worst a refused
             # observation has moved the window's head forward, which expires nothing the next
-            # observation at that time would not have expired too.
-            new, effects, records = observe_and_audit(
-                machine, state, now, registered=registered, registrable=registrable, weight=weight
+            # observation at that time would not have expired too.  (`observe_and_audit`,
+            # inline: an observation that changes no state leaves no audit record.)
+            before = state.state
+            new, effects = machine.observe(
+                state, now, registered=registered, registrable=registrable, weight=weight
             )
             self._states[tenant] = new
-            if records:
-                self._audit.setdefault(tenant, []).extend(records)
+            if effects.transitions:
+                self._audit.setdefault(tenant, []).extend(
+                    audit_records(tenant, now, "observe", None, {}, before, new.state, effects)
+                )
             return new, effects
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """`StateStore.observe_many` under one acquisition of the store's lock.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult] = []
+        append = results.append
+        states = self._states
+        with self._lock:
+            for (tenant, registered, registrable, weight), at in zip(batch, times, strict=True):
+                try:
+                    state = states.get(tenant)
+                    if state is None:
+                        state = TenantState.new(tenant)
+                    before = state.state
+                    new, effects = machine.observe(
+                        state, at, registered=registered, registrable=registrable, weight=weight
+                    )
+                except InvalidEvent as exc:
+                    append(exc)
+                    continue
+                states[tenant] = new
+                if effects.transitions:
+                    self._audit.setdefault(tenant, []).extend(
+                        audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
+                    )
+                append((new, effects))
+        return results
 
     def apply(
         self,
@@ -390,6 +523,10 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX audit_by_tenant ON audit (tenant, id)",
     ),
 )
+
+
+class _CorruptState(StoreUnavailable):
+    """One tenant's stored state is corrupt (the store itself still works)."""
 
 
 class SQLiteStore(StateStore):
@@ -522,7 +659,7 @@ class SQLiteStore(StateStore):
         try:
             state = TenantState.from_dict(json.loads(text))
         except (ValueError, InvalidTenantState) as exc:
-            raise StoreUnavailable(
+            raise _CorruptState(
                 f"SQLite store {self.path!r} holds a corrupt state for tenant {tenant!r}: {exc}"
             ) from exc
         return version, state
@@ -579,6 +716,63 @@ class SQLiteStore(StateStore):
             )
             self._write(db, tenant, version, new, now, records)
             return new, effects
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """`StateStore.observe_many` in **one** write transaction (one commit for the batch).
+
+        Each tenant of the batch is read once and written once, with the audit records of its
+        observations in order.  When the store fails (locked past its timeout, the commit
+        fails...) the transaction rolls back and every item gets that `StoreUnavailable`:
+        nothing of the batch is counted.  An item with malformed arguments gets its
+        `InvalidEvent`, and an item of a tenant whose stored state is corrupt its
+        `StoreUnavailable`, as `observe` would raise them; the rest of the batch is applied.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult | None] = [None] * len(batch)
+        try:
+            with self._transaction() as db:
+                # tenant -> [version read, state, audit records of the batch]
+                working: dict[str, tuple[int, TenantState, list[AuditRecord]]] = {}
+                last_at: dict[str, float] = {}
+                for index, ((tenant, registered, registrable, weight), at) in enumerate(
+                    zip(batch, times, strict=True)
+                ):
+                    try:
+                        entry = working.get(tenant)
+                        if entry is None:
+                            entry = (*self._read(db, tenant), [])
+                        new, effects, records = observe_and_audit(
+                            machine,
+                            entry[1],
+                            at,
+                            registered=registered,
+                            registrable=registrable,
+                            weight=weight,
+                        )
+                    except (InvalidEvent, _CorruptState) as exc:
+                        results[index] = exc
+                        continue
+                    if records:
+                        entry[2].extend(records)
+                    working[tenant] = (entry[0], new, entry[2])
+                    last_at[tenant] = at
+                    results[index] = (new, effects)
+                for tenant, (version, state, records) in working.items():
+                    self._write(db, tenant, version, state, last_at[tenant], records)
+        except StoreUnavailable as exc:
+            # Rolled back: what was decided before the failure is void, except the items that
+            # `observe` would have refused whatever the store (malformed arguments).
+            return [r if isinstance(r, InvalidEvent) else exc for r in results]
+        return cast(list[ObserveResult], results)
 
     def apply(
         self,
