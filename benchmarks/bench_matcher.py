@@ -12,21 +12,36 @@ fed ``normalize_domain(query)`` ("end to end"); then the structures alone on pre
 keys ("ours key" = `owner_of_normalized`); publicsuffix2 ``get_sld`` and tldextract (offline)
 as the PSL-library reference; a naive ``endswith`` loop at N <= 1k.  Every contender's answers
 are checked against ours before timing.
+
+``--before PATH`` also loads another version of ``_matcher.py`` (for example the file as it was
+before a change, copied out of git) and measures it in the same process on the same entries and
+queries: its compile, snapshot load, lookups and memory appear as "before" rows, side by side.
+
+Memory is reported two ways: "deep" is the sum of ``sys.getsizeof`` over every object reachable
+from the lookup structure (an estimate, used for all contenders); "traced" is what
+``tracemalloc`` sees allocated and still alive after ``DomainMatcher.load`` (exact allocator
+bytes of a matcher that owns all its objects, tenant ids included; ours only).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 from domainpolicy import AcceptedDomain, DomainMatcher, DomainType, normalize_domain
+from domainpolicy._names import clear_cache
+from domainpolicy._psl import default_public_suffixes
 
 SUFFIXES = ["com"] * 30 + ["net"] * 8 + ["org"] * 8 + ["de"] * 6 + ["co.uk"] * 6 + [
     "com.au", "co.jp", "fr", "nl", "io", "jp", "ru", "com.br", "ca", "it", "es", "ch",
@@ -216,19 +231,103 @@ def deep_size(root: object) -> int:
 
 def rate(fn: Callable[[str], object], items: list[str], repeats: int) -> float:
     """Median lookups/s over *repeats* passes."""
-    results = []
+    return rates({"": (fn, items)}, repeats)[""]
+
+
+def rates(
+    contenders: dict[str, tuple[Callable[[str], object], list[str]]], repeats: int
+) -> dict[str, float]:
+    """Median lookups/s of each contender over *repeats* rounds; each round times one pass of
+    every contender in turn, so a change of machine load hits all of them alike."""
+    results: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeats):
+        for name, (fn, items) in contenders.items():
+            gc.collect()
+            start = time.perf_counter()
+            for q in items:
+                fn(q)
+            results[name].append(len(items) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def load_before(path: str) -> ModuleType:
+    """Import another version of ``_matcher.py`` as ``domainpolicy._matcher_before``."""
+    spec = importlib.util.spec_from_file_location("domainpolicy._matcher_before", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed_load(cls: Any, path: str, repeats: int = 3) -> tuple[float, object]:
+    """Median seconds of *repeats* ``cls.load(path)`` calls, and the last matcher loaded."""
+    times = []
+    loaded = None
+    for _ in range(repeats):
+        del loaded
         gc.collect()
         start = time.perf_counter()
-        for q in items:
-            fn(q)
-        results.append(len(items) / (time.perf_counter() - start))
-    return statistics.median(results)
+        loaded = cls.load(path)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), loaded
 
 
-def run(n: int, query_count: int, repeats: int) -> None:
+def traced_bytes(cls: Any, path: str) -> int:
+    """Bytes allocated and kept by ``cls.load(path)``, measured with tracemalloc."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        loaded = cls.load(path)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del loaded
+    return kept
+
+
+def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None) -> None:
     entries = generate(n)
     qs = queries(entries, query_count)
+    # Both versions compile with cold name caches (IDN labels are converted once per process).
+    clear_cache()
+    gc.collect()
+    start = time.perf_counter()
+    matcher = DomainMatcher.compile(entries)
+    compile_s = time.perf_counter() - start
+    old_matcher: Any = None
+    if before is not None:
+        old_entries = [
+            before.AcceptedDomain(
+                e.domain, e.tenant, before.DomainType(e.domain_type.value), e.match_subdomains
+            )
+            for e in entries
+        ]
+        clear_cache()
+        gc.collect()
+        start = time.perf_counter()
+        old_matcher = before.DomainMatcher.compile(old_entries)
+        old_compile_s = time.perf_counter() - start
+        del old_entries
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "m.snapshot")
+        matcher.save(path)
+        snapshot_bytes = os.path.getsize(path)
+        load_s, loaded = timed_load(DomainMatcher, path)
+        assert loaded == matcher
+        del loaded
+        traced = traced_bytes(DomainMatcher, path)
+        if before is not None:
+            old_path = os.path.join(directory, "old.snapshot")
+            old_matcher.save(old_path)
+            old_snapshot_bytes = os.path.getsize(old_path)
+            old_load_s, loaded = timed_load(before.DomainMatcher, old_path)
+            del loaded
+            old_traced = traced_bytes(before.DomainMatcher, old_path)
+    rows = canonical(entries)
     keys: list[str] = []
     valid = []
     for q in qs:
@@ -237,21 +336,6 @@ def run(n: int, query_count: int, repeats: int) -> None:
             valid.append(q)
         except ValueError:
             continue
-    gc.collect()
-    start = time.perf_counter()
-    matcher = DomainMatcher.compile(entries)
-    compile_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "m.snapshot")
-        matcher.save(path)
-        snapshot_bytes = os.path.getsize(path)
-        gc.collect()
-        start = time.perf_counter()
-        loaded = DomainMatcher.load(path)
-        load_s = time.perf_counter() - start
-    assert loaded == matcher
-    del loaded
-    rows = canonical(entries)
     flat = FlatLabelWalk(rows)
     nested = NestedTrie(rows)
 
@@ -264,6 +348,9 @@ def run(n: int, query_count: int, repeats: int) -> None:
         expected = ours_key(key)
         assert flat.tenant(key) == expected, key
         assert nested.tenant(key) == expected, key
+        if old_matcher is not None:
+            old_owner = old_matcher.owner_of_normalized(key)
+            assert (None if old_owner is None else old_owner.tenant) == expected, key
     contenders: dict[str, tuple[Callable[[str], object], list[str]]] = {
         "ours raw": (matcher.lookup, valid),
         "flat raw": (lambda q: flat.tenant(normalize_domain(q)), valid),
@@ -272,6 +359,9 @@ def run(n: int, query_count: int, repeats: int) -> None:
         "flat key": (flat.tenant, keys),
         "nested key": (nested.tenant, keys),
     }
+    if old_matcher is not None:
+        contenders["before raw"] = (old_matcher.lookup, valid)
+        contenders["before key"] = (old_matcher.owner_of_normalized, keys)
     if n <= 1000:
         slow = naive(rows)
         assert all(slow(k) == ours_key(k) for k in keys[:200])
@@ -289,23 +379,33 @@ def run(n: int, query_count: int, repeats: int) -> None:
         contenders["tldextract"] = (extract, keys[: max(2000, len(keys) // 5)])
     except ImportError:  # pragma: no cover
         pass
-    rates = {name: rate(fn, items, repeats) for name, (fn, items) in contenders.items()}
+    measured = rates(contenders, repeats)
     sizes = {
         "ours": deep_size(matcher._table),
         "flat": deep_size((flat.apex, flat.below)),
         "nested": deep_size(nested.root),
     }
+    if old_matcher is not None:
+        sizes["before"] = deep_size(old_matcher._table)
     print(f"\n### N = {n:,} (tenants: {len(matcher.tenants()):,}, queries: {len(qs):,})\n")
     print("| contender | lookups/s | ours / it |")
     print("|---|---:|---:|")
-    for name, value in rates.items():
-        ref = rates["ours raw"] if "raw" in name or "ours" not in name else rates["ours key"]
+    for name, value in measured.items():
+        ref = measured["ours raw"] if "raw" in name or "ours" not in name else measured["ours key"]
         if name.endswith("key") or name == "naive endswith":
-            ref = rates["ours key"]
+            ref = measured["ours key"]
         print(f"| {name} | {value:,.0f} | {ref / value:.2f}x |")
     print()
-    print(f"compile: {compile_s:.3f} s; snapshot load: {load_s:.3f} s "
-          f"({snapshot_bytes / n:.1f} bytes/domain on disk)")
+    print("| version | compile | snapshot load | snapshot bytes/domain "
+          "| memory bytes/domain, deep | memory bytes/domain, traced |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| ours | {compile_s:.3f} s | {load_s:.3f} s | {snapshot_bytes / n:.1f} "
+          f"| {sizes['ours'] / n:.1f} | {traced / n:.1f} |")
+    if before is not None:
+        print(f"| before | {old_compile_s:.3f} s | {old_load_s:.3f} s "
+              f"| {old_snapshot_bytes / n:.1f} | {sizes['before'] / n:.1f} "
+              f"| {old_traced / n:.1f} |")
+    print()
     print("memory, bytes per domain (deep size of the lookup structure): " + ", ".join(
         f"{name} {value / n:.1f}" for name, value in sizes.items()
     ) + f"; nested / ours = {sizes['nested'] / sizes['ours']:.2f}x")
@@ -339,13 +439,18 @@ def main() -> None:
     parser.add_argument("--10m", dest="ten_million", action="store_true")
     parser.add_argument("--queries", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--before", metavar="PATH", help="another _matcher.py to measure side by side"
+    )
     args = parser.parse_args()
+    before = load_before(args.before) if args.before else None
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.ten_million:
         sizes.append(10_000_000)
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    default_public_suffixes()  # built once per process, outside every timing
     for n in sizes:
-        run(n, args.queries, args.repeats)
+        run(n, args.queries, args.repeats, before)
         gc.collect()
     disposable(args.repeats)
 

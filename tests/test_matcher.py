@@ -558,3 +558,168 @@ def test_any_bytes_load_or_raise_invalid_snapshot(noise: bytes, cut: int) -> Non
     for data in (noise, truncated + noise, b"domainpolicy-matcher/1\n" + noise):
         with pytest.raises(InvalidSnapshot):
             DomainMatcher.from_bytes(data)
+
+
+def _forged(change: str) -> bytes:
+    """A sealed snapshot of CONFIG with one table changed (owner or node rows)."""
+    import hashlib
+    import json
+    from array import array
+
+    good = DomainMatcher.compile(CONFIG).to_bytes()
+    first, rest = good.split(b"\n", 1)
+    head, payload = rest.split(b"\n", 1)
+    payload = payload[:-32]
+    header = json.loads(head)
+    sizes = header["blob_bytes"]
+    starts = [sum(sizes[:i]) for i in range(5)]
+    index = array("I", payload[starts[1] : starts[2]])
+    owners = array("I", payload[starts[2] : starts[3]])
+    nodes = array("I", payload[starts[3] : starts[4]])
+    if change == "node index":
+        index[-1] = header["nodes"]
+    elif change == "owner type":
+        owners[1] = 7
+    elif change == "node owner":
+        nodes[0] = header["owners"] + 1
+    elif change == "empty node":
+        nodes[0] = nodes[1] = 0
+    elif change == "apex not exact":
+        below = next(n for n in nodes[1::2] if n)
+        nodes[0] = below
+    body = payload[: starts[1]] + index.tobytes() + owners.tobytes() + nodes.tobytes()
+    return first + b"\n" + head + b"\n" + body + hashlib.sha256(head + b"\n" + body).digest()
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ("node index", "out of range"),
+        ("owner type", "out-of-range"),
+        ("node owner", "missing owner"),
+        ("empty node", "impossible shape"),
+        ("apex not exact", "impossible shape"),
+    ],
+)
+def test_forged_tables_raise_invalid_snapshot(change: str, needle: str) -> None:
+    """A well-sealed snapshot whose owner or node table is inconsistent is refused."""
+    from domainpolicy import InvalidSnapshot
+
+    with pytest.raises(InvalidSnapshot, match=needle):
+        DomainMatcher.from_bytes(_forged(change))
+
+
+# --------------------------------------------------------------------------- batch compile
+
+_ODD_ENTRIES = [
+    A("a..b.com", "t1"),
+    A("-a.com", "t1"),
+    A("com", "t1"),
+    A("co.uk", "t2"),
+    A("*.github.io", "t2"),
+    A("x.ck", "t1"),
+    A("localhost", "t1"),
+    A("a.b1", "t1"),
+    A("xn--bcher-kva.de", "t3"),
+    A("Bücher.de.", "t3"),
+    A("A.Example.COM.", "t1"),
+    A("*.example.com", "t2"),
+    A("*.example.com", "t2", match_subdomains=True),
+    A("example.com", "t3", match_subdomains=True),
+    A("example.com", "t3"),
+    A("x" * 60 + ".example.org", "t1"),
+    A("ab--c.example.org", "t1"),
+    A("a.example.org\nb.example.org", "t1"),
+    A("a.example.org", ""),
+    A("exämple.org", "t1"),
+    A("K.example.org", "t2"),
+    A("\u212a.example.org", "t2"),
+    A("*.", "t1"),
+    A(".", "t1"),
+]
+
+
+@given(
+    accepted_domain_sets(),
+    st.lists(st.sampled_from(_ODD_ENTRIES), max_size=4),
+    st.randoms(use_true_random=False),
+)
+def test_batch_compile_agrees_with_the_builder(
+    entries: list[AcceptedDomain], odd: list[AcceptedDomain], rnd: object
+) -> None:
+    """The batch path accepts only what the entry-by-entry builder accepts, and then builds
+    the same table (keys, order, nodes) with the same interning of owners."""
+    import random
+
+    from domainpolicy._matcher import _Builder, _compile_batch
+    from domainpolicy._psl import default_public_suffixes
+
+    assert isinstance(rnd, random.Random)
+    mixed = [*entries, *odd]
+    rnd.shuffle(mixed)
+    suffixes = default_public_suffixes()
+    builder = _Builder({}, {}, suffixes, None)
+    for position, entry in enumerate(mixed):
+        parsed = builder.parse(position, entry)
+        if parsed is not None:
+            builder.add(position, *parsed)
+    batch = _compile_batch(mixed, suffixes, None)
+    if builder.problems:
+        assert batch is None
+        return
+    assert batch is not None
+    table = batch[0]
+    assert list(table.items()) == list(builder.table.items())
+    assert len({id(node) for node in table.values()}) == len(set(table.values()))
+
+
+def test_batch_compile_falls_back_for_problems_and_restores_gc() -> None:
+    """Problems found by the batch path are reported by the builder, and compile leaves the
+    garbage collector as it found it."""
+    import gc
+
+    assert gc.isenabled()
+    with pytest.raises(InvalidConfiguration) as caught:
+        DomainMatcher.compile([*CONFIG, A("co.uk", "X"), A("exact.org", "Y")])
+    assert len(caught.value.problems) == 2
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        DomainMatcher.compile(CONFIG)
+        DomainMatcher.from_bytes(DomainMatcher.compile(CONFIG).to_bytes())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+_KEY_TEXT = st.one_of(
+    hostile_text(max_size=100),
+    domains(spellings=True),
+    st.text(max_size=70),
+    st.text(alphabet="abcxyz019-.*\n", max_size=20),
+)
+
+
+@given(st.lists(_KEY_TEXT, min_size=1, max_size=6))
+def test_batch_keys_agree_with_normalize_domain(texts: list[str]) -> None:
+    """The blob-level key checks give normalize_domain's answer for every name, or None when
+    some name is invalid or has a single label (those entries go to the builder)."""
+    from domainpolicy._matcher import _batch_keys
+
+    wild = [text.startswith("*.") for text in texts]
+    keys: list[str] = []
+    expected: list[str] | None = keys
+    for text, is_wild in zip(texts, wild, strict=True):
+        try:
+            key = normalize_domain(text[2:] if is_wild else text, allow_single_label=True)
+        except InvalidDomain:
+            expected = None
+            break
+        if "." not in key:
+            expected = None
+            break
+        keys.append(key)
+    if "\n" in "".join(texts):
+        assert _batch_keys(texts, wild) is None
+    else:
+        assert _batch_keys(texts, wild) == expected

@@ -47,10 +47,48 @@ the same entries and queries in one process:
 * a *flat dict with a label walk* (``split`` then ``".".join(labels[i:])`` per probe) has our
   memory footprint but pays a list and a join per probe;
 * our suffix-stripping walk slices strings the C runtime has already scanned, and stops at the
-  first (longest) hit.
+  first (longest) hit.  ``str.find`` index walking (one slice per probe, no tuple) and two
+  separate apex/below dicts were measured too and were not reliably faster on this machine,
+  while two dicts cost memory for every key with subdomains; the table's bound ``get`` is
+  kept on the matcher, and `DomainMatcher.lookup` probes `normalize_domain`'s cache inline.
 
 Memory per domain is the key string plus one dict slot; nodes and owners are shared, and the
-per-tenant index used by `DomainMatcher.domains_of` is built lazily on first use.
+per-tenant index used by `DomainMatcher.domains_of` is built lazily on first use.  What is left
+is per tenant: its id string, one `Owner` per (type, kind) it uses and one node tuple per
+distinct (apex, below) pair, so the figure per domain depends on the domains per tenant.
+
+Building, chosen by profiling
+-----------------------------
+Profiling `DomainMatcher.compile` on 1M entries showed the time spread over per-entry Python
+work: parsing (`_quick_key`, and `normalize_domain` for IDN names, which also filled its bounded
+cache with configuration names), the public-suffix check, the owner and node interning
+(hashing ``DomainType``/``MatchKind`` keys calls ``Enum.__hash__``, Python code), the tenant
+counts, and the cyclic garbage collector, started every 700 new owners or nodes and walking
+every live object of the process each time it reached the oldest generation.  `compile`
+therefore first tries a batch path (`_compile_batch`) made of C-level loops over the whole
+configuration:
+
+* the four fields of every entry are read with ``map(attrgetter(...))`` and type-checked as
+  sets of types;
+* all names are joined into one blob, lower-cased, stripped of ``*.`` and of one trailing dot,
+  and split again; `_quick_key`'s conditions are checked on the blob (``bytes.translate`` for
+  the alphabet, one search for ``..``/``-.``/``.-``/``--``/leading ``.``/``-`` after reading
+  ``-`` as ``.``) and per line with C-level ``map`` (a dot, the length, a final letter); only
+  the names failing them (IDN, ``xn--``, long or invalid ones) go through the uncached
+  normaliser, which gives `normalize_domain`'s answer without churning its cache;
+* owners and nodes are interned once per distinct (tenant, type, wildcard, subdomains) shape,
+  keyed by the enum members' ids, and the table is ``dict(zip(keys, map(...)))``;
+* the public-suffix pre-filter of `_public_check` runs once for all keys (set intersections
+  with the rules, plus the set of distinct parents against the ``*.`` rules);
+* keys configured more than once (``contoso.com`` next to ``*.contoso.com``) are replayed
+  through `_Builder`'s slot rules, so merging and conflicts behave exactly as before;
+* the garbage collector is paused while the matcher's objects are built (`_gc_paused`).
+
+Anything unusual (a problem to report, a custom suffix list) makes the batch path give up and
+the entry-by-entry `_Builder` run instead; it produces the same table and the full list of
+problems.  A property test checks that both paths agree.  The remaining cost of a large
+compile is the IDNA 2008 conversion of internationalised names (tens of microseconds each in
+the ``idna`` package), which the batch path does not avoid.
 
 Snapshots
 ---------
@@ -66,7 +104,11 @@ Snapshots
 Loading checks the magic, the version, every length, the checksum and the node table before it
 builds anything, and raises `InvalidSnapshot` otherwise.  The checksum detects corruption and
 truncation, not tampering: protect snapshot files as you protect configuration.  Loading builds
-the dict in C (``dict(zip(keys, map(...)))``) and is several times faster than compiling.
+everything with C-level loops: the owners from the owner rows (``object.__new__`` and the slot
+descriptors mapped over columns), the node shapes checked as byte strings, the nodes with
+``zip``, the names with one ``decode().split("\n")`` and the table with
+``dict(zip(keys, map(nodes.__getitem__, index)))``, with the garbage collector paused.  It is
+many times faster than compiling.
 
 Thread safety: a `DomainMatcher` is immutable once built; `DomainMatcher.with_changes` returns a
 new matcher (the table is copied, never mutated), so a server swaps one reference atomically.
@@ -76,19 +118,30 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gc
 import hashlib
 import json
 import os
 import sys
 from array import array
-from collections import Counter
+from bisect import bisect_right
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final, TypeAlias
+from itertools import accumulate, compress, repeat
+from operator import add, and_, attrgetter, contains, getitem, itemgetter, not_
+from typing import Final, TypeAlias, cast
 
 import attrs
 
 from ._errors import InvalidConfiguration, InvalidDomain, InvalidSnapshot, shown
-from ._names import NormalizedDomain, normalize_domain, parse_address
+from ._names import (
+    NormalizedDomain,
+    _check_input,
+    _normalize_uncached,
+    _results_get,
+    normalize_domain,
+    parse_address,
+)
 from ._psl import PublicSuffixes, default_public_suffixes
 
 __all__ = [
@@ -270,12 +323,13 @@ class _Builder:
         self.is_public = _public_check(suffixes)
         self.limit = limit
         self.problems: list[str] = []
-        self.owners: dict[tuple[str, str, str], Owner] = {}
+        self.owners: dict[tuple[str, int, int], Owner] = {}
         self.nodes: dict[tuple[int, int], _Node] = {}
         self.touched: set[str] = set()
 
     def owner(self, tenant: str, domain_type: DomainType, kind: MatchKind) -> Owner:
-        key = (tenant, domain_type, kind)
+        # Enum members are singletons; their ids hash in C (Enum.__hash__ is Python code).
+        key = (tenant, id(domain_type), id(kind))
         found = self.owners.get(key)
         if found is None:
             found = self.owners[key] = _new_owner(tenant, domain_type, kind)
@@ -468,6 +522,265 @@ class _Builder:
                 )
 
 
+_cached_domain: Final = _results_get
+"""``normalize_domain``'s result cache, probed directly by `DomainMatcher.lookup`."""
+_GET_DOMAIN: Final = attrgetter("domain")
+_GET_TENANT: Final = attrgetter("tenant")
+_GET_TYPE: Final = attrgetter("domain_type")
+_GET_SUBS: Final = attrgetter("match_subdomains")
+_LAST_CHAR: Final = slice(-1, None)
+_LETTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyz")
+_HIGH_BYTES: Final = bytes(range(128, 256))
+_HYPHEN_AS_DOT: Final = bytes.maketrans(b"-", b".")
+_TYPE_BY_ID: Final = {id(member): member for member in DomainType}
+_KIND_BY_ID: Final = {id(member): member for member in MatchKind}
+_EXACT_ID: Final = id(_EXACT)
+_SUBDOMAIN_ID: Final = id(_SUBDOMAIN)
+_WILDCARD_ID: Final = id(_WILDCARD)
+
+
+_Shape: TypeAlias = tuple[str, int, bool, bool]
+"""(tenant, id(domain type), wildcard, match_subdomains) of an entry."""
+_OwnerKey: TypeAlias = tuple[str, int, int]
+"""(tenant, id(domain type), id(kind)), the key of `_Builder.owners`."""
+
+
+def _intern_nodes(
+    shapes: dict[_Shape, None], builder: _Builder
+) -> tuple[dict[_Shape, _Node], Callable[[], None]]:
+    """The node of a key configured by one entry of each distinct shape, sharing owners and
+    nodes exactly as `_Builder.add` would, and a function that registers them with *builder*
+    (needed only if entries must be replayed through it).
+
+    One comprehension per distinct shape and C-level loops for the owners: a large
+    configuration has hundreds of thousands of tenants.
+    """
+    apex_keys: list[_OwnerKey | None] = [
+        None if wildcard else (tenant, type_id, _EXACT_ID)
+        for tenant, type_id, wildcard, _ in shapes
+    ]
+    below_keys: list[_OwnerKey | None] = [
+        (tenant, type_id, _WILDCARD_ID) if wildcard
+        else (tenant, type_id, _SUBDOMAIN_ID) if subs
+        else None
+        for tenant, type_id, wildcard, subs in shapes
+    ]
+    wanted = dict.fromkeys(apex_keys)
+    wanted.update(dict.fromkeys(below_keys))
+    wanted.pop(None, None)
+    owner_keys = cast("list[_OwnerKey]", list(wanted))
+    owners = _new_owners(
+        list(map(itemgetter(0), owner_keys)),
+        list(map(_TYPE_BY_ID.__getitem__, map(itemgetter(1), owner_keys))),
+        list(map(_KIND_BY_ID.__getitem__, map(itemgetter(2), owner_keys))),
+    )
+    owner_of: dict[_OwnerKey | None, Owner | None] = dict(zip(owner_keys, owners, strict=True))
+    nodes: list[_Node] = list(
+        zip(
+            map(owner_of.get, apex_keys),
+            map(owner_of.get, below_keys),
+            strict=True,
+        )
+    )
+
+    def register() -> None:
+        builder.owners.update(owner_of)  # type: ignore[arg-type]
+        node_ids = zip(
+            map(id, map(itemgetter(0), nodes)), map(id, map(itemgetter(1), nodes)), strict=True
+        )
+        builder.nodes.update(zip(node_ids, nodes, strict=True))
+
+    return dict(zip(shapes, nodes, strict=True)), register
+
+
+def _lines_with(blob: str, needle: str, starts: list[int]) -> Iterator[int]:
+    """Numbers of the lines of *blob* (line i starts at ``starts[i]``) holding *needle*."""
+    found = blob.find(needle)
+    while found >= 0:
+        yield bisect_right(starts, found + 1) - 1
+        found = blob.find(needle, found + 1)
+
+
+def _batch_keys(domains: list[str], wild: list[bool]) -> list[str] | None:
+    """The normalised key of every domain (``*.`` removed), or None if one is invalid.
+
+    The common case is checked for all names at once with C-level string operations on one
+    joined blob (exactly `_quick_key`'s conditions); the few other names (IDN, ``xn--``, long
+    or suspicious ones) go through the uncached normalisation, which gives the result
+    `normalize_domain` would without filling its bounded cache with configuration names.
+    """
+    count = len(domains)
+    joined = "\n".join(domains)
+    if joined.count("\n") != count - 1:
+        return None  # a name holds a line feed: invalid, the builder reports it
+    blob = ("\n" + joined + "\n").lower().replace("\n*.", "\n").replace(".\n", "\n")
+    del joined
+    lines = blob[1:-1].split("\n")
+    if len(lines) != count:  # pragma: no cover - cannot happen (lower() adds no line feed)
+        return None
+    numbers = range(count)
+    bad: set[int] = set(compress(numbers, map(not_, map(str.isascii, domains))))
+    # Bytes other than letters, digits, '-', '.', '\n': UTF-8 bytes of non-ASCII names (found
+    # above) are expected; any ASCII one means some ASCII name needs a closer look.
+    encoded = blob.encode("utf-8", "surrogatepass")
+    if encoded.translate(None, _KEY_BYTES).translate(None, _HIGH_BYTES):
+        bad.update(compress(numbers, map(str.strip, lines, repeat(_LDH_DOT))))
+    dotted = list(map(contains, lines, repeat(".")))
+    if not all(dotted):
+        bad.update(compress(numbers, map(not_, dotted)))
+    del dotted
+    if max(map(len, lines)) > 63:
+        bad.update(number for number, line in enumerate(lines) if len(line) > 63)
+    lasts = list(map(getitem, lines, repeat(_LAST_CHAR)))
+    if not _LETTERS.issuperset(lasts):
+        bad.update(compress(numbers, map(not_, map(_LETTERS.__contains__, lasts))))
+    del lasts
+    # '..', '-.', '.-', '--' (empty label, hyphen at a label edge, reserved '--') and a name
+    # starting with '.' or '-' become '..' or '\n.' once every '-' is read as '.'.
+    folded = encoded.translate(_HYPHEN_AS_DOT)
+    del encoded
+    if b".." in folded or b"\n." in folded:
+        needles = [n for n in ("..", "-.", ".-", "--", "\n.", "\n-") if n in blob]
+        starts = list(accumulate(map(add, map(len, lines), repeat(1)), initial=1))
+        for needle in needles:
+            bad.update(_lines_with(blob, needle, starts))
+    for number in bad:
+        text = domains[number][2:] if wild[number] else domains[number]
+        try:
+            key = _normalize_uncached(_check_input(text, InvalidDomain))
+        except InvalidDomain:
+            return None
+        if "." not in key:
+            return None  # a single label: refused, the builder says why
+        lines[number] = key
+    return lines
+
+
+def _maybe_public(table: _Table, suffixes: PublicSuffixes) -> bool | None:
+    """True if a key of *table* is a public suffix, None if that cannot be told quickly.
+
+    The same pre-filter as `_public_check`, for all keys at once: only a key that is a rule,
+    the base of a ``*.`` rule, or directly under the base of a ``*.`` rule is asked.
+    """
+    rules = getattr(getattr(suffixes, "_psl", None), "_publicsuffix", None)
+    if not isinstance(rules, frozenset):
+        return None
+    known = _WILD_BASES.get(id(rules))
+    if known is None or known[0] is not rules:
+        known = _WILD_BASES[id(rules)] = (rules, {r[2:] for r in rules if r[:2] == "*."})
+    wild_bases = known[1]
+    if len(table) < len(rules):
+        suspects = [key for key in table if key in rules or key in wild_bases]
+    else:
+        suspects = [rule for rule in rules if rule in table]
+        suspects.extend(base for base in wild_bases if base in table)
+    parents = set(map(itemgetter(2), map(str.partition, table, repeat("."))))
+    if not parents.isdisjoint(wild_bases):
+        suspects.extend(key for key in table if key.partition(".")[2] in wild_bases)
+    return any(map(suffixes.is_public, suspects))
+
+
+_WILD_BASES: dict[int, tuple[frozenset[str], set[str]]] = {}
+"""id(rules) -> (rules, the bases of its ``*.`` rules); few lists exist per process."""
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a matcher builds its many small objects.
+
+    Building a large matcher allocates hundreds of thousands of owners and nodes; each 700
+    allocations start a collection that walks the young objects, and the oldest generation,
+    which holds every live object of the process (the configuration entries included), is
+    walked again and again: at 1M entries this more than doubled the build time.  The
+    objects built here hold no reference cycles, so nothing is left for the collector; the
+    previous state is restored on exit (another thread that enables the collector meanwhile
+    merely shortens the pause).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _count_tenants(table: _Table) -> dict[str, int]:
+    """Entries per tenant in *table* (one pass over the distinct nodes)."""
+    counts: dict[str, int] = {}
+    values = table.values()
+    by_id = dict(zip(map(id, values), values, strict=True))
+    for ident, uses in Counter(map(id, values)).items():
+        apex, below = by_id[ident]
+        if apex is not None:
+            counts[apex.tenant] = counts.get(apex.tenant, 0) + uses
+        if below is not None and below.kind is _WILDCARD:
+            counts[below.tenant] = counts.get(below.tenant, 0) + uses
+    return counts
+
+
+def _compile_batch(
+    items: list[AcceptedDomain], suffixes: PublicSuffixes, limit: int | None
+) -> tuple[_Table, dict[str, int] | None] | None:
+    """Compile valid *items* with C-level batch operations; None if anything is unusual.
+
+    Gives the table `_Builder` would (same keys in the same order, equal interned nodes) when
+    the configuration has no problem; on any doubt it returns None and the caller runs the
+    entry-by-entry builder, which reports the problems.
+    """
+    count = len(items)
+    if not count:
+        return {}, {}
+    if set(map(type, items)) != {AcceptedDomain}:
+        return None
+    entries = items
+    domains: list[str] = list(map(_GET_DOMAIN, entries))
+    tenants: list[str] = list(map(_GET_TENANT, entries))
+    types: list[DomainType] = list(map(_GET_TYPE, entries))
+    subs: list[bool] = list(map(_GET_SUBS, entries))
+    if (
+        set(map(type, domains)) != {str}
+        or set(map(type, tenants)) != {str}
+        or "" in tenants
+        or set(map(type, types)) != {DomainType}
+        or not {bool}.issuperset(map(type, subs))
+    ):
+        return None
+    wild = list(map(str.startswith, domains, repeat("*.")))
+    if any(map(and_, wild, subs)):
+        return None
+    keys = _batch_keys(domains, wild)
+    if keys is None:
+        return None
+    del domains
+    builder = _Builder({}, {}, suffixes, limit)
+    node_for, register = _intern_nodes(
+        dict.fromkeys(zip(tenants, map(id, types), wild, subs, strict=True)), builder
+    )
+    shapes = zip(tenants, map(id, types), wild, subs, strict=True)
+    table = dict(zip(keys, map(node_for.__getitem__, shapes), strict=True))
+    if len(table) != count:
+        # Some keys are configured more than once (``contoso.com`` and ``*.contoso.com``,
+        # duplicates): replay their entries, in order, through the builder's slot rules.
+        register()
+        repeated = {key for key, uses in Counter(keys).items() if uses > 1}
+        scratch: _Table = {}
+        builder.table = scratch
+        for number in compress(range(count), map(repeated.__contains__, keys)):
+            builder.add(number, keys[number], wild[number], entries[number])
+        if builder.problems:
+            return None
+        table.update(scratch)  # existing keys: values replaced, order kept
+    if _maybe_public(table, suffixes) is not False:
+        return None
+    counts = None
+    if limit is not None:
+        counts = _count_tenants(table)
+        if max(counts.values(), default=0) > limit:
+            return None
+    return table, counts
+
+
 def _canonical(key: str, entry: AcceptedDomain) -> AcceptedDomain:
     wildcard = entry.is_wildcard
     return AcceptedDomain(
@@ -510,7 +823,7 @@ class DomainMatcher:
     form, in the order they were first configured; ``len()`` counts entries.
     """
 
-    __slots__ = ("_by_tenant", "_counts", "_limit", "_suffixes", "_table")
+    __slots__ = ("_by_tenant", "_counts", "_get", "_limit", "_suffixes", "_table")
 
     def __init__(
         self,
@@ -522,6 +835,7 @@ class DomainMatcher:
     ) -> None:
         """Internal: use `DomainMatcher.compile` or `DomainMatcher.load`."""
         self._table: _Table = table
+        self._get = table.get  # bound once: one attribute load per lookup instead of two
         self._counts = counts
         self._limit = limit
         self._suffixes = suffixes
@@ -561,11 +875,19 @@ class DomainMatcher:
                 ]
             )
         suffixes = public_suffixes or default_public_suffixes()
-        builder = _Builder({}, {}, suffixes, max_domains_per_tenant)
         try:
             iterator = iter(entries)
         except TypeError as exc:
             raise InvalidConfiguration([f"entries {shown(entries)} is not iterable"]) from exc
+        items: list[AcceptedDomain] = list(iterator)
+        with _gc_paused():
+            fast = _compile_batch(items, suffixes, max_domains_per_tenant)
+        if fast is not None:
+            return cls(fast[0], fast[1], limit=max_domains_per_tenant, suffixes=suffixes)
+        # Something is unusual (a problem to report, most likely): the entry-by-entry builder
+        # gives the same table and collects every problem with its position.
+        iterator = iter(items)
+        builder = _Builder({}, {}, suffixes, max_domains_per_tenant)
         parse = builder.parse
         add = builder.add
         for position, entry in enumerate(iterator):
@@ -639,13 +961,19 @@ class DomainMatcher:
         Raises:
             Nothing: invalid input is reported in the result.
         """
-        # normalize_domain's bounded LRU cache makes repeated names (the common case for an
-        # MTA) one C-level cache hit; measured faster than an inline ASCII check.
+        # normalize_domain's bounded cache makes repeated names (the common case for an MTA)
+        # one C-level dict hit; probing that cache here saves the call.  A miss, a cached
+        # single-label name (which lookup refuses) or an unhashable value takes the full path.
         try:
-            key = normalize_domain(domain)  # type: ignore[arg-type]
-        except InvalidDomain as exc:
-            return None, exc.reason
-        get = self._table.get
+            key = _cached_domain(domain)  # type: ignore[call-overload]
+        except TypeError:
+            key = None
+        if key is None or "." not in key:
+            try:
+                key = normalize_domain(domain)  # type: ignore[arg-type]
+            except InvalidDomain as exc:
+                return None, exc.reason
+        get = self._get
         node = get(key)
         if node is not None and node[0] is not None:
             return node[0], None
@@ -666,7 +994,7 @@ class DomainMatcher:
         Raises:
             Nothing.
         """
-        get = self._table.get
+        get = self._get
         node = get(domain)
         if node is not None and node[0] is not None:
             return node[0]
@@ -800,15 +1128,7 @@ class DomainMatcher:
     def _tenant_counts(self) -> dict[str, int]:
         counts = self._counts
         if counts is None:
-            counts = {}
-            values = self._table.values()
-            by_id = dict(zip(map(id, values), values, strict=True))
-            for ident, uses in Counter(map(id, values)).items():
-                apex, below = by_id[ident]
-                if apex is not None:
-                    counts[apex.tenant] = counts.get(apex.tenant, 0) + uses
-                if below is not None and below.kind is _WILDCARD:
-                    counts[below.tenant] = counts.get(below.tenant, 0) + uses
+            counts = _count_tenants(self._table)
             self._counts = counts  # benign race: equal results, atomic assignment
         return counts
 
@@ -996,7 +1316,8 @@ class DomainMatcher:
             raise bad("the header line is truncated")
         try:
             header = json.loads(data[first_end + 1 : head_end])
-            return cls._build(data, head_end + 1, end, header, public_suffixes)
+            with _gc_paused():
+                return cls._build(data, head_end + 1, end, header, public_suffixes)
         except InvalidSnapshot as exc:
             raise bad(str(exc)) from exc
         except (KeyError, TypeError, ValueError, IndexError, RecursionError) as exc:
@@ -1048,33 +1369,52 @@ class DomainMatcher:
                 table_array.byteswap()
             tables.append(table_array)
         index, owner_rows, node_rows = tables
+        if owner_count:
+            tenant_numbers = owner_rows[0::3]
+            type_codes = owner_rows[1::3]
+            kind_codes = owner_rows[2::3]
+            if max(tenant_numbers) >= len(tenants) or max(type_codes) >= 3 or max(kind_codes) >= 3:
+                raise InvalidSnapshot("an owner has out-of-range numbers")
+        else:
+            tenant_numbers = type_codes = kind_codes = array("I")
         owners: list[Owner | None] = [None]
-        for row in range(owner_count):
-            tenant, type_code, kind_code = owner_rows[3 * row : 3 * row + 3]
-            if tenant >= len(tenants) or type_code >= 3 or kind_code >= 3:
-                raise InvalidSnapshot(f"owner #{row} has out-of-range numbers")
-            owners.append(
-                _new_owner(tenants[tenant], _TYPE_CODES[type_code], _KIND_CODES[kind_code])
+        owners.extend(
+            _new_owners(
+                list(map(tenants.__getitem__, tenant_numbers)),
+                list(map(_TYPE_CODES.__getitem__, type_codes)),
+                list(map(_KIND_CODES.__getitem__, kind_codes)),
             )
-        nodes: list[_Node] = []
-        for row in range(node_count):
-            apex_number, below_number = node_rows[2 * row : 2 * row + 2]
-            if apex_number > owner_count or below_number > owner_count:
-                raise InvalidSnapshot(f"node #{row} refers to a missing owner")
-            apex, below = owners[apex_number], owners[below_number]
-            if (
-                (apex is None and below is None)
-                or (apex is not None and apex.kind is not _EXACT)
-                or (below is not None and below.kind is _EXACT)
-            ):
-                raise InvalidSnapshot(f"node #{row} has an impossible shape")
-            nodes.append((apex, below))
+        )
+        apex_numbers = node_rows[0::2]
+        below_numbers = node_rows[1::2]
+        if node_count and max(node_rows) > owner_count:
+            raise InvalidSnapshot("a node refers to a missing owner")
+        # Shapes: the apex is none or EXACT, the below slot none or not EXACT, not both none.
+        # kind_of[number] is the kind code of owner *number* (3 for "none").
+        kind_of = bytes([3, *kind_codes])
+        apex_kinds = bytes(map(kind_of.__getitem__, apex_numbers))
+        below_kinds = bytes(map(kind_of.__getitem__, below_numbers))
+        exact = _KIND_CODES.index(_EXACT)
+        if (
+            apex_kinds.translate(None, bytes([exact, 3]))
+            or exact in below_kinds
+            or any(map(_BOTH_NONE.__eq__, zip(apex_kinds, below_kinds, strict=True)))
+        ):
+            raise InvalidSnapshot("a node has an impossible shape")
+        nodes: list[_Node] = list(
+            zip(
+                map(owners.__getitem__, apex_numbers),
+                map(owners.__getitem__, below_numbers),
+                strict=True,
+            )
+        )
         keys = blob.decode("ascii").split("\n") if names else []
         if len(keys) != names:
             raise InvalidSnapshot(f"{len(keys)} names found where the header says {names}")
-        if names and max(index) >= node_count:
-            raise InvalidSnapshot(f"node number {max(index)} is out of range")
-        table: _Table = dict(zip(keys, map(nodes.__getitem__, index), strict=True))
+        try:  # cheaper than max(index) first: a bad number stops the C loop with IndexError
+            table: _Table = dict(zip(keys, map(nodes.__getitem__, index), strict=True))
+        except IndexError:
+            raise InvalidSnapshot(f"node number {max(index)} is out of range") from None
         if len(table) != names:
             raise InvalidSnapshot("a name appears twice")
         return cls(table, None, limit=limit, suffixes=public_suffixes)
@@ -1083,6 +1423,23 @@ class DomainMatcher:
 _TYPE_CODES: Final = tuple(DomainType)
 _KIND_CODES: Final = tuple(MatchKind)
 _set_field = object.__setattr__
+
+
+_BOTH_NONE: Final = (3, 3)
+_SET_TENANT: Final = Owner.__dict__["tenant"].__set__
+_SET_TYPE: Final = Owner.__dict__["domain_type"].__set__
+_SET_KIND: Final = Owner.__dict__["kind"].__set__
+
+
+def _new_owners(
+    tenants: list[str], types: list[DomainType], kinds: list[MatchKind]
+) -> list[Owner]:
+    """Owners for parallel lists of fields, built with C-level loops (the slot descriptors of
+    the frozen class, as `_new_owner`; values are trusted here)."""
+    owners = list(map(object.__new__, repeat(Owner, len(tenants))))
+    for setter, values in ((_SET_TENANT, tenants), (_SET_TYPE, types), (_SET_KIND, kinds)):
+        deque(map(setter, owners, values), maxlen=0)
+    return owners
 
 
 def _new_owner(tenant: str, domain_type: DomainType, kind: MatchKind) -> Owner:
