@@ -549,7 +549,6 @@ def _write_pki(directory: Path) -> dict[str, Path]:
 
 def test_tls_client_certificate_attributes_the_tenant(tmp_path: Path) -> None:
     """A verified client certificate for mail.contoso.com attributes the sender to contoso."""
-    pytest.importorskip("cryptography")
     pki = _write_pki(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(pki["server"])
