@@ -958,8 +958,7 @@ class DomainMatcher:
             ``(None, reason)`` when *domain* is not a valid domain, *reason* being the
             `InvalidDomain` reason code (``empty_label``, ``not_text``...).
 
-        Raises:
-            Nothing: invalid input is reported in the result.
+        Never raises: invalid input is reported in the result.
         """
         # normalize_domain's bounded cache makes repeated names (the common case for an MTA)
         # one C-level dict hit; probing that cache here saves the call.  A miss, a cached
@@ -991,8 +990,7 @@ class DomainMatcher:
 
         Passing text that is not canonical gives an unspecified (but not raising) answer.
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         get = self._get
         node = get(domain)
@@ -1090,8 +1088,7 @@ class DomainMatcher:
 
         The per-tenant index is built on the first call (one pass over the table).
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         keys = self._tenant_index().get(tenant, ()) if isinstance(tenant, str) else ()
         table = self._table
@@ -1103,8 +1100,7 @@ class DomainMatcher:
     def tenants(self) -> frozenset[str]:
         """Every tenant with at least one entry.
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         return frozenset(self._tenant_counts())
 
@@ -1113,8 +1109,7 @@ class DomainMatcher:
         ignoring ``match_subdomains`` (used to decide whether a name is "under" a tenant's
         accepted domains, as for connector certificate names).
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         get = self._table.get
         rest: str = domain
@@ -1172,8 +1167,7 @@ class DomainMatcher:
     def to_bytes(self) -> bytes:
         """The snapshot `save` writes, as bytes (format in the module docs).
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         return b"".join(self._snapshot_parts())
 

@@ -107,8 +107,7 @@ def peer_certificate_name(peercert: Mapping[str, Any] | None) -> str | None:
     The first ``subjectAltName`` DNS name wins; without one, the subject's ``commonName``
     (RFC 6125 section 6.4.4).  An empty dict (a certificate Python did not verify) gives None.
 
-    Raises:
-        Nothing: malformed entries are skipped.
+    Never raises: malformed entries are skipped.
     """
     if not isinstance(peercert, Mapping) or not peercert:
         return None
@@ -257,8 +256,7 @@ class PolicyHandler:
         """Accept a valid PROXY protocol header (only called when the server expects one);
         its source address becomes the client IP of every request of the session.
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         return bool(getattr(proxy_data, "valid", False))
 
@@ -270,8 +268,7 @@ class PolicyHandler:
         On acceptance sets ``envelope.mail_from`` and extends ``envelope.mail_options``, as
         aiosmtpd requires of a MAIL hook.
 
-        Raises:
-            Nothing: an unexpected error is logged and answered with ``451 4.3.0``.
+        Never raises: an unexpected error is logged and answered with ``451 4.3.0``.
         """
         try:
             if self.check_at == "mail":
@@ -302,8 +299,7 @@ class PolicyHandler:
 
         On acceptance appends to ``envelope.rcpt_tos`` (and ``envelope.rcpt_options``).
 
-        Raises:
-            Nothing: an unexpected error is logged and answered with ``451 4.3.0``.
+        Never raises: an unexpected error is logged and answered with ``451 4.3.0``.
         """
         try:
             reply = await self._recipient(server, session, envelope, address)
@@ -319,8 +315,7 @@ class PolicyHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """End of ``DATA``: hand the accepted message to the relay callable, if any.
 
-        Raises:
-            Nothing: a relay that raises is logged and answered with `RELAY_FAILED_REPLY`.
+        Never raises: a relay that raises is logged and answered with `RELAY_FAILED_REPLY`.
         """
         message = self._messages.pop(envelope, None)
         relay = self.relay
@@ -360,8 +355,7 @@ class PolicyHandler:
     ) -> RelayRequest:
         """The `RelayRequest` for the current transaction (override to add fields).
 
-        Raises:
-            Nothing.
+        Never raises.
         """
         return RelayRequest(
             sender=sender,
