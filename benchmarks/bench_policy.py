@@ -6,6 +6,14 @@ accepted domain, and tolerated unregistered relay) and the refuse path (a blocke
 unregistered mail), in one process and in two processes sharing the store (memory: one process
 only), one message at a time (``evaluate``) and in batches of each size (``evaluate_many``).
 A Redis store is measured against a ``redis-server`` this script starts on a free loopback port.
+
+Two processes are two MTAs of a fleet, each serving its own tenants: process ``p`` of ``P``
+sends the registered mail of the tenants ``t<j>`` with ``j % P == p`` only, the tolerated
+unregistered relay of tenant ``t<P + p>`` and the refused mail of the blocked tenant ``t<p>``
+(each tenant's on-premises servers connect from ``10.<j>.0.0/16``).  One process is ``p = 0``
+of ``P = 1``: the tenants ``t0`` (blocked) and ``t1`` (tolerated), registered mail of every
+tenant.  The processes start together (a barrier) and the rate is every process's decisions
+over the longest run.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from domainpolicy import (
     AcceptedDomain,
@@ -38,15 +47,14 @@ TENANTS = 1000
 MATCHER = DomainMatcher.compile(
     [AcceptedDomain(f"tenant{i}.example", f"t{i}") for i in range(TENANTS)]
 )
-# t0's and t1's on-premises servers connect from these ranges.
+MAX_PROCESSES = 8
+# t<j>'s on-premises servers connect from 10.<j>.0.0/16 (the refused and tolerated relay).
 CONNECTORS = ConnectorTable.compile(
     [
         InboundConnector(
-            "t0-onprem", "t0", sender_ip_ranges=(ipaddress.ip_network("192.0.2.0/24"),)
-        ),
-        InboundConnector(
-            "t1-onprem", "t1", sender_ip_ranges=(ipaddress.ip_network("198.51.100.0/24"),)
-        ),
+            f"t{j}-onprem", f"t{j}", sender_ip_ranges=(ipaddress.ip_network(f"10.{j}.0.0/16"),)
+        )
+        for j in range(2 * MAX_PROCESSES)
     ],
     MATCHER,
 )
@@ -59,17 +67,23 @@ KINDS = (
 )
 
 
-def requests(kind: str, count: int, offset: int) -> list[RelayRequest]:
-    """A batch of requests: a tenant's own domains, tolerated unregistered relay, or refused."""
+def requests(kind: str, count: int, process: int = 0, processes: int = 1) -> list[RelayRequest]:
+    """A batch of requests for process *process* of *processes*, on its own tenants: their
+    own domains, tolerated unregistered relay (tenant ``t<processes + process>``), or refused
+    (the blocked tenant ``t<process>``)."""
     if kind == "accept_registered":
-        return [RelayRequest(f"user@tenant{(i + offset) % TENANTS}.example") for i in range(count)]
+        share = TENANTS // processes
+        return [
+            RelayRequest(f"user@tenant{process + processes * (i % share)}.example")
+            for i in range(count)
+        ]
     if kind == "accept_unregistered":
         return [
-            RelayRequest(f"user@forward{(i + offset) % 50}.example", client_ip="198.51.100.7")
+            RelayRequest(f"user@forward{i % 50}.example", client_ip=f"10.{processes + process}.0.7")
             for i in range(count)
         ]
     return [
-        RelayRequest(f"spam@forged{(i + offset) % 50}.example", client_ip="192.0.2.7")
+        RelayRequest(f"spam@forged{i % 50}.example", client_ip=f"10.{process}.0.7")
         for i in range(count)
     ]
 
@@ -102,12 +116,30 @@ def timed(
 
 
 def worker(
-    url: str, kind: str, count: int, offset: int, size: int, queue: multiprocessing.Queue[float]
+    url: str,
+    kind: str,
+    count: int,
+    process: int,
+    processes: int,
+    size: int,
+    barrier: Any,
+    queue: multiprocessing.Queue[float],
 ) -> None:
     store = open_store(url)
     policy = make_policy(store)
-    queue.put(timed(policy, requests(kind, count, offset), kind != "refuse", size))
+    batch = requests(kind, count, process, processes)
+    barrier.wait()
+    queue.put(count / timed(policy, batch, kind != "refuse", size))
     store.close()
+
+
+def block_refused(url: str, processes: int) -> None:
+    """Block the tenants of the refuse path (``t0`` .. ``t<processes - 1>``)."""
+    with open_store(url) as store:
+        blocker = make_policy(store)
+        for process in range(processes):
+            if blocker.status(f"t{process}").state.value == "active":
+                blocker.block(f"t{process}", by="bench", reason="refuse path")
 
 
 def free_port() -> int:
@@ -158,31 +190,30 @@ def measure(
     for kind, expect in KINDS:
         samples: list[float] = []
         for _ in range(repeats):
+            if kind == "refuse":
+                block_refused(url, processes)
             if processes == 1:
                 store = open_store(url)
                 policy = make_policy(store)
-                if kind == "refuse" and policy.status("t0").state.value == "active":
-                    policy.block("t0", by="bench", reason="refuse path")
-                samples.append(timed(policy, requests(kind, count, 0), expect, size))
+                samples.append(timed(policy, requests(kind, count), expect, size))
                 store.close()
             else:
-                if kind == "refuse":
-                    with open_store(url) as store:
-                        blocker = make_policy(store)
-                        if blocker.status("t0").state.value == "active":
-                            blocker.block("t0", by="bench", reason="refuse path")
                 context = multiprocessing.get_context("spawn")
                 queue: multiprocessing.Queue[float] = context.Queue()
+                barrier = context.Barrier(processes)
                 pool = [
-                    context.Process(target=worker, args=(url, kind, count, i * 7919, size, queue))
+                    context.Process(
+                        target=worker,
+                        args=(url, kind, count, i, processes, size, barrier, queue),
+                    )
                     for i in range(processes)
                 ]
                 for process in pool:
                     process.start()
-                rates = [queue.get(timeout=600) for _ in pool]
+                elapsed = [queue.get(timeout=600) for _ in pool]
                 for process in pool:
                     process.join()
-                samples.append(sum(rates))
+                samples.append(processes * count / max(elapsed))
         results[kind] = statistics.median(samples)
         print(
             f"  {name:8s} {processes}p {mode_name(size):18s} {kind:20s} "

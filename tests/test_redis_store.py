@@ -31,7 +31,7 @@ from domainpolicy import (
     open_store,
 )
 from domainpolicy._blockstate import Effects, InvalidEvent
-from domainpolicy._redis_store import RedisStore
+from domainpolicy._redis_store import RedisStore, _Wire
 from redis_support import RedisServer, redis_url, session_server
 
 pytestmark = pytest.mark.redis
@@ -638,6 +638,179 @@ def test_batches_from_two_mtas_match_memory_store(
     for tenant in (f"x{run}", f"y{run}"):
         assert shared_redis[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
         assert [r.to_dict() for r in shared_redis[1].history(tenant)] == [
+            r.to_dict() for r in memory.history(tenant)
+        ]
+
+
+# --------------------------------------------------------------------------- packed rounds
+
+
+class _PlainSubclass(redis.Redis):
+    """Not exactly ``redis.Redis``: the store keeps redis-py's pipeline for it."""
+
+
+def _expected_round(store: RedisStore, items: list[tuple[str, bool, str | None, int]]) -> bytes:
+    """The bytes redis-py's pipeline packs for the first round of *items* (token of round 0)."""
+    machine = BlockMachine(POLICIES[0])
+    token = f"{store._token_base}0"
+    total = {t: sum(1 for i in items if i[0] == t) for t, *_ in items}
+    rank: dict[str, int] = {}
+    commands = []
+    for tenant, registered, registrable, weight in items:
+        keys, args = store._observe_args(machine, tenant, NOW, registered, registrable, weight)
+        k = rank.get(tenant, 0)
+        rank[tenant] = k + 1
+        held = store._cache.get(tenant)
+        args[-1] = "" if held is None else str(held[0] + k)
+        more = "1" if k + 1 < total[tenant] else "0"
+        commands.append(
+            ("EVALSHA", store._observe.sha, 5, *keys.batched, *args, token, str(k), more)
+        )
+    packer: Any = redis.Connection  # untyped; never connected
+    return b"".join(packer().pack_commands(commands))
+
+
+@pytest.mark.parametrize("server_time", [False, True])
+def test_packed_round_is_what_redis_py_sends(
+    url: str, monkeypatch: pytest.MonkeyPatch, server_time: bool
+) -> None:
+    """On a plain redis.Redis a round is packed by hand, byte for byte as redis-py's pipeline
+    would pack the same EVALSHA calls (held versions, ranks, the last-item flag, non-ASCII)."""
+    machine = BlockMachine(POLICIES[0])
+    with RedisStore.from_url(url, server_time=server_time) as store:
+        assert store._wire is not None
+        store.observe(machine, "x", NOW, registered=True, registrable=None)  # x: version held
+        items = [
+            ("x", False, "a.example", 1),
+            ("ÿ{é}%", True, None, 3),
+            ("x", True, None, 2),
+            ("y", False, "bücher.example", 12345),
+            ("x", False, "b.example", 1),
+        ]
+        expected = _expected_round(store, items)
+        sent: list[tuple[bytes, int]] = []
+        send = _Wire.round
+
+        def spy(wire: _Wire, commands: bytes, count: int) -> list[object]:
+            sent.append((commands, count))
+            return send(wire, commands, count)
+
+        monkeypatch.setattr(_Wire, "round", spy)
+        store._rounds = itertools.count()
+        results = store.observe_many(machine, items, NOW)
+        assert all(isinstance(r, tuple) for r in results)
+        assert sent[0] == (expected, len(items))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"decode_responses": True}, {"protocol": 2}, {"protocol": 3, "decode_responses": True}],
+)
+def test_packed_rounds_read_replies_as_the_client_decodes_them(
+    url: str, options: dict[str, Any]
+) -> None:
+    """The replies of a packed round are read by the client's own parser (RESP2 or RESP3, bytes
+    or text): the results, with warnings and a block, are those of observe one by one."""
+    machine = BlockMachine(POLICIES[2])
+    items = [SPAM_A] * 6 + [("u", True, None, 1), ("t", False, "b.example", 2)]
+    with (
+        redis.Redis.from_url(url, socket_timeout=5, **options) as client,
+        RedisStore(client, server_time=False) as store,
+    ):
+        assert store._wire is not None
+        reference = MemoryStore()
+        expected = [
+            _summary(reference.observe(machine, t, NOW, registered=r, registrable=d, weight=w)[1])
+            for t, r, d, w in items
+        ]
+        results = store.observe_many(machine, items, NOW)
+        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in results] == expected
+        assert store.load("t").to_dict() == reference.load("t").to_dict()
+
+
+def test_other_clients_keep_the_redis_py_pipeline(url: str) -> None:
+    """A client that is not exactly redis.Redis (here a subclass; Redis Cluster alike) gets
+    redis-py's pipeline, with the same results, script cache flush included."""
+    machine = BlockMachine(POLICIES[2])
+    items = [SPAM_A] * 6 + [("u", True, None, 1)]
+    with (
+        _PlainSubclass.from_url(url, socket_timeout=5) as client,
+        RedisStore(client, server_time=False) as store,
+    ):
+        assert store._wire is None
+        reference = MemoryStore()
+        for batch in (items, items[:2]):
+            expected = [
+                _summary(reference.observe(machine, t, NOW, registered=r, registrable=d)[1])
+                for t, r, d, _ in batch
+            ]
+            results = store.observe_many(machine, batch, NOW)
+            assert [_summary(r[1]) if isinstance(r, tuple) else r for r in results] == expected
+            client.script_flush()
+        assert store.load("t").to_dict() == reference.load("t").to_dict()
+
+
+def test_packed_round_that_times_out_closes_and_releases_its_connection(url: str) -> None:
+    """A round whose replies do not come in time: every item StoreUnavailable, the connection
+    (which may still receive those replies) closed and given back; the next batch works."""
+    machine = BlockMachine(POLICIES[0])
+    with (
+        RedisStore.from_url(url, server_time=False, socket_timeout=0.2) as store,
+        redis.Redis.from_url(url) as admin,
+    ):
+        store.observe_many(machine, [("u", True, None, 1)], NOW)
+        pool = store._client.connection_pool
+        admin.client_pause(1500, all=False)  # write commands (EVALSHA) wait
+        try:
+            results = store.observe_many(machine, [("u", True, None, 1)] * 3, NOW)
+        finally:
+            admin.client_unpause()
+        assert [type(r) for r in results] == [StoreUnavailable] * 3
+        assert "timed out" in str(results[0])
+        assert not pool._in_use_connections
+        results = store.observe_many(machine, [("u", True, None, 1)] * 2, NOW)
+        assert all(isinstance(r, tuple) for r in results)
+        assert store.load("u").window.total in (3, 6)  # the timed-out round ran, or not
+
+
+@pytest.fixture(scope="module")
+def mixed_redis() -> Iterator[tuple[RedisStore, RedisStore]]:
+    """Two MTAs on one server: one sending packed rounds, one through redis-py's pipeline."""
+    url = redis_url(Path())
+    with (
+        _PlainSubclass.from_url(url, socket_timeout=5) as client,
+        RedisStore.from_url(url, server_time=False, prefix="mixed:") as packed,
+        RedisStore(client, server_time=False, prefix="mixed:") as pipelined,
+    ):
+        assert packed._wire is not None
+        assert pipelined._wire is None
+        yield packed, pipelined
+
+
+@given(policy=st.sampled_from(POLICIES), batches=st.lists(_mta_batch, min_size=1, max_size=8))
+def test_packed_and_pipelined_batches_match_memory_store(
+    mixed_redis: tuple[RedisStore, RedisStore],
+    policy: BlockPolicy,
+    batches: list[tuple[float, list[tuple[str, bool, str]]]],
+) -> None:
+    """Batches sent in turns by a store packing its rounds and one using redis-py's pipeline
+    give the effects, states and audit trail of observe one by one on a MemoryStore."""
+    machine = BlockMachine(policy)
+    memory = MemoryStore()
+    run = next(_tenant_ids)
+    now = NOW
+    for i, (step, raw) in enumerate(batches):
+        now += step
+        items = [(f"m{t}{run}", r, None if r else d, 1) for t, r, d in raw]
+        expected = [
+            _summary(memory.observe(machine, t, now, registered=r, registrable=d, weight=w)[1])
+            for t, r, d, w in items
+        ]
+        got = mixed_redis[i % 2].observe_many(machine, items, now)
+        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in got] == expected
+    for tenant in (f"mx{run}", f"my{run}"):
+        assert mixed_redis[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
+        assert [r.to_dict() for r in mixed_redis[1].history(tenant)] == [
             r.to_dict() for r in memory.history(tenant)
         ]
 

@@ -57,6 +57,21 @@ tenant's items of the round and applies nothing (``deferred``) unless the tenant
 items of the round were applied, so the items after a slow one are sent again after it has been
 written: the results are those of `observe` called for each item in turn.
 
+On a plain ``redis.Redis`` client a round does not go through redis-py's pipeline: redis-py
+packs commands in pure Python, argument by argument, and for the 29 arguments of each
+``EVALSHA`` that was most of the client's time.  The store packs the round itself -- the command
+head (script SHA, ``numkeys``), a tenant's keys and a policy's 13 limit arguments are packed once
+and cached, an item's own arguments once per batch -- into the same bytes redis-py would send,
+writes it with one ``send_packed_command`` on a connection of the client's pool and reads the
+replies with that connection's ``read_response`` (redis-py's parser: RESP2 or RESP3,
+``decode_responses``, error replies; a hand-written RESP parser on the raw socket measured only
+a few per cent faster, the replies being read while the server still runs the later scripts).
+A round is never sent again: a connection that fails or times out is closed and the round's
+items get `StoreUnavailable` (redis-py's pipeline would retry if the client's ``retry`` allowed
+it; the store's own clients have retries off).  Any other client (``redis.RedisCluster``, a
+subclass or a fake of ``redis.Redis``, a pool with client-side caching) keeps redis-py's
+pipeline; both send the same commands and get the same results.
+
 Server time and clock skew
 --------------------------
 With ``server_time=True`` (the default) the hot path ignores the caller's ``now`` and uses the
@@ -98,6 +113,7 @@ that may have run is never sent twice), a script error, corrupt data -- is raise
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -380,7 +396,7 @@ def _limit_args(policy: BlockPolicy) -> tuple[str, ...]:
 class _Keys:
     """The keys of one tenant (all in one Cluster slot)."""
 
-    __slots__ = ("audit", "batched", "scripted", "state")
+    __slots__ = ("audit", "batched", "scripted", "state", "wire")
 
     def __init__(self, prefix: str, tenant: str) -> None:
         base = f"{prefix}{{{quote(tenant, safe=_SAFE)}}}:"
@@ -388,6 +404,133 @@ class _Keys:
         self.audit = base + "audit"
         self.scripted = [self.state, base + "bt", base + "bu", base + "dom"]
         self.batched = [*self.scripted, base + "seq"]
+        self.wire: bytes | None = None  # `batched` packed by `_Wire.item`
+
+
+_Prepared = tuple[_Keys, list[str], bytes]
+"""An item of `RedisStore.observe_many`: keys, script arguments (the held version left blank),
+and the arguments that do not change between rounds packed by `_Wire.item` (``b""`` without)."""
+
+_MORE: Final = b"$1\r\n1\r\n"
+_LAST: Final = b"$1\r\n0\r\n"
+
+
+def _bulk(data: bytes) -> bytes:
+    """*data* as one RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class _Wire:
+    """The rounds of `RedisStore.observe_many` packed and sent by hand on a plain ``redis.Redis``.
+
+    redis-py packs a pipeline in pure Python, argument by argument (the encoder, a length prefix
+    and a join per argument): for the 29 arguments of each ``EVALSHA`` of a round that is most of
+    the client's time.  Here what does not change is packed once -- the command head with the
+    script's SHA and ``numkeys`` (per SHA), a tenant's five keys (per tenant), the 13 limit
+    arguments (per `BlockPolicy`) -- an item's own arguments once per batch, and a round is one
+    ``%``-format per item, sent with one ``send_packed_command`` on a connection of the client's
+    pool.  The replies are read with the connection's own ``read_response``, so decoding
+    (``decode_responses``), RESP2/RESP3, push messages and error replies are redis-py's.  The bytes
+    on the wire are those redis-py would send for the same ``evalsha`` call.
+
+    Only for a client whose type is exactly ``redis.Redis`` on a ``redis.ConnectionPool`` without
+    client-side caching or an ``EVALSHA`` response callback (`of`); anything else -- Redis
+    Cluster, a subclass, a fake -- keeps redis-py's pipeline.
+    """
+
+    __slots__ = ("_encoding", "_errors", "_heads", "_limits", "_name", "pool")
+
+    def __init__(self, pool: redis.ConnectionPool, name: tuple[str, ...]) -> None:
+        encoder = pool.get_encoder()
+        self.pool = pool
+        self._encoding: str = encoder.encoding
+        self._errors: str = encoder.encoding_errors
+        self._name = name  # redis-py < 5.3 wants a command name for get_connection
+        self._heads: dict[str, bytes] = {}
+        self._limits: dict[BlockPolicy, bytes] = {}
+
+    @classmethod
+    def of(cls, client: object) -> _Wire | None:
+        """A packer for *client*, or None when it is not a plain ``redis.Redis`` (see above)."""
+        if type(client) is not redis.Redis:
+            return None
+        pool = client.connection_pool
+        if (
+            not isinstance(pool, redis.ConnectionPool)
+            or getattr(pool, "cache", None) is not None
+            or "EVALSHA" in client.response_callbacks
+        ):
+            return None
+        try:
+            parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+        except (TypeError, ValueError):  # pragma: no cover - a pool without a signature
+            return None
+        needs_name = parameter is not None and parameter.default is inspect.Parameter.empty
+        return cls(pool, ("EVALSHA",) if needs_name else ())
+
+    def bulk(self, text: str) -> bytes:
+        """*text* encoded as the client encodes arguments, as one RESP bulk string."""
+        return _bulk(text.encode(self._encoding, self._errors))
+
+    def limits(self, policy: BlockPolicy) -> bytes:
+        """The 13 limit arguments of *policy*, packed (cached)."""
+        packed = self._limits.get(policy)
+        if packed is None:
+            if len(self._limits) > 1000:  # pragma: no cover - a new policy per call
+                self._limits.clear()
+            packed = self._limits[policy] = b"".join(map(self.bulk, _limit_args(policy)))
+        return packed
+
+    def item(self, keys: _Keys, args: Sequence[str], limits: bytes) -> bytes:
+        """The keys and the arguments of an item that are the same in every round: all but the
+        held version and the round's token, rank and last-item flag."""
+        packed = keys.wire
+        if packed is None:
+            packed = keys.wire = b"".join(map(self.bulk, keys.batched))
+        encode = self.bulk
+        return b"".join(
+            (packed, encode(args[0]), encode(args[1]), encode(args[2]), encode(args[3]), limits)
+        )
+
+    def head(self, sha: str) -> bytes:
+        """``EVALSHA <sha> 5`` with the length of the whole command: 5 keys and 21 arguments
+        follow (cached)."""
+        packed = self._heads.get(sha)
+        if packed is None:
+            self._heads.clear()
+            packed = self._heads[sha] = b"*%d\r\n%b%b%b" % (
+                3 + 5 + 21,
+                _bulk(b"EVALSHA"),
+                self.bulk(sha),
+                _bulk(b"5"),
+            )
+        return packed
+
+    def round(self, commands: bytes, count: int) -> list[object]:
+        """Send *count* packed commands at once and read their replies in order (the exception
+        object of an error reply in its place).
+
+        Raises:
+            redis.RedisError: the connection failed or timed out (it is closed: it may hold
+                replies not read).
+        """
+        pool = self.pool
+        connection: Any = pool.get_connection(*self._name)  # its methods are untyped
+        try:
+            connection.send_packed_command([commands])
+            read = connection.read_response
+            replies: list[object] = []
+            for _ in range(count):
+                try:
+                    replies.append(read())
+                except redis.ResponseError as exc:  # an error reply: the stream is in step
+                    replies.append(exc)
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        return replies
 
 
 class RedisStore(StateStore):
@@ -470,6 +613,8 @@ class RedisStore(StateStore):
         # observe_many: unique round tokens (this process and store, then a counter)
         self._token_base = f"{os.getpid():x}.{os.urandom(6).hex()}."
         self._rounds = itertools.count()
+        # observe_many's rounds packed by hand on a plain redis.Redis, else redis-py's pipeline
+        self._wire = _Wire.of(client)
 
     @classmethod
     def from_url(
@@ -865,9 +1010,10 @@ class RedisStore(StateStore):
         """`StateStore.observe_many` with the hot-path scripts of the batch pipelined: one round
         trip for the whole batch when nothing changes state.
 
-        The batch is sent in *rounds*, each one ``EVALSHA`` per pending item in a
-        non-transactional pipeline, the replies processed in order.  Every script of a round
-        carries the round's token and its rank ``k`` among that tenant's items in the round;
+        The batch is sent in *rounds*, each one ``EVALSHA`` per pending item in one write
+        (packed by the store on a plain ``redis.Redis``, else redis-py's non-transactional
+        pipeline; see the module docstring), the replies processed in order.  Every script of a
+        round carries the round's token and its rank ``k`` among that tenant's items in the round;
         the script applies item ``k > 0`` only if the tenant's ``k`` earlier items of the round
         were all applied (a counter under the token in ``<prefix>{<tenant>}:seq``), and
         otherwise answers ``deferred`` and applies nothing.  So when an item takes the slow
@@ -892,16 +1038,21 @@ class RedisStore(StateStore):
         if self._closed:
             closed = StoreUnavailable("Redis store is closed")
             return [closed] * len(batch)
-        prepared: dict[int, tuple[_Keys, list[str]]] = {}
+        prepared: dict[int, _Prepared] = {}
+        wire = self._wire
+        limits = b"" if wire is None else wire.limits(machine.policy)
         for index, ((tenant, registered, registrable, weight), at) in enumerate(
             zip(batch, times, strict=True)
         ):
             try:
-                prepared[index] = self._observe_args(
+                keys, args = self._observe_args(
                     machine, tenant, at, registered, registrable, weight
                 )
             except InvalidEvent as exc:
                 results[index] = exc
+            else:
+                packed = b"" if wire is None else wire.item(keys, args, limits)
+                prepared[index] = (keys, args, packed)
         unknown = sorted({batch[i][0] for i in prepared} - self._known)
         if unknown:
             try:
@@ -994,24 +1145,71 @@ class RedisStore(StateStore):
     def _round(
         self,
         batch: Sequence[ObserveItem],
-        prepared: Mapping[int, tuple[_Keys, list[str]]],
+        prepared: Mapping[int, _Prepared],
         pending: Sequence[int],
     ) -> list[object] | StoreUnavailable:
         """Send one round of a batch: an ``EVALSHA`` per pending item, pipelined; return the
         replies in order (an exception object for an item whose script failed), or the
-        `StoreUnavailable` of a failed round trip."""
+        `StoreUnavailable` of a failed round trip.
+
+        On a plain ``redis.Redis`` the round is packed by `_Wire` and sent in one write; on any
+        other client (Redis Cluster, a subclass) it goes through redis-py's pipeline.  Both send
+        the same commands and return the same replies."""
         token = f"{self._token_base}{next(self._rounds)}"
         total: dict[str, int] = {}
         for index in pending:
             tenant = batch[index][0]
             total[tenant] = total.get(tenant, 0) + 1
+        wire = self._wire
+        if wire is None:
+            return self._pipelined(batch, prepared, pending, token, total)
+        rank: dict[str, int] = {}
+        cache = self._cache
+        head = wire.head(self._observe.sha)
+        packed_token = wire.bulk(token)
+        commands: list[bytes] = []
+        for index in pending:
+            tenant = batch[index][0]
+            k = rank.get(tenant, 0)
+            rank[tenant] = k + 1
+            held = cache.get(tenant)
+            version = b"" if held is None else b"%d" % (held[0] + k)
+            rank_k = b"%d" % k
+            # head, keys and fixed arguments, held version, token, k, more items follow
+            commands.append(
+                b"%b%b$%d\r\n%b\r\n%b$%d\r\n%b\r\n%b"
+                % (
+                    head,
+                    prepared[index][2],
+                    len(version),
+                    version,
+                    packed_token,
+                    len(rank_k),
+                    rank_k,
+                    _MORE if k + 1 < total[tenant] else _LAST,
+                )
+            )
+        try:
+            return wire.round(b"".join(commands), len(commands))
+        except redis.RedisError as exc:
+            return self._fail(f"observe batch of {len(pending)}", exc)
+
+    def _pipelined(
+        self,
+        batch: Sequence[ObserveItem],
+        prepared: Mapping[int, _Prepared],
+        pending: Sequence[int],
+        token: str,
+        total: Mapping[str, int],
+    ) -> list[object] | StoreUnavailable:
+        """`_round` through redis-py's pipeline (any client: Redis Cluster, subclasses)."""
         rank: dict[str, int] = {}
         sha = self._observe.sha
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 for index in pending:
                     tenant = batch[index][0]
-                    keys, args = prepared[index]
+                    keys, args, _ = prepared[index]
                     k = rank.get(tenant, 0)
                     rank[tenant] = k + 1
                     held = self._cache.get(tenant)
