@@ -133,13 +133,11 @@ def worker(
     store.close()
 
 
-def block_refused(url: str, processes: int) -> None:
-    """Block the tenants of the refuse path (``t0`` .. ``t<processes - 1>``)."""
-    with open_store(url) as store:
-        blocker = make_policy(store)
-        for process in range(processes):
-            if blocker.status(f"t{process}").state.value == "active":
-                blocker.block(f"t{process}", by="bench", reason="refuse path")
+def block_refused(policy: RelayPolicy, processes: int) -> None:
+    """Block the tenants of the refuse path (``t0`` .. ``t<processes - 1>``) in *policy*'s store."""
+    for process in range(processes):
+        if policy.status(f"t{process}").state.value == "active":
+            policy.block(f"t{process}", by="bench", reason="refuse path")
 
 
 def free_port() -> int:
@@ -190,14 +188,17 @@ def measure(
     for kind, expect in KINDS:
         samples: list[float] = []
         for _ in range(repeats):
-            if kind == "refuse":
-                block_refused(url, processes)
             if processes == 1:
                 store = open_store(url)
                 policy = make_policy(store)
+                if kind == "refuse":
+                    block_refused(policy, 1)  # in this store: memory: opens a new one each time
                 samples.append(timed(policy, requests(kind, count), expect, size))
                 store.close()
             else:
+                if kind == "refuse":
+                    with open_store(url) as shared:
+                        block_refused(make_policy(shared), processes)
                 context = multiprocessing.get_context("spawn")
                 queue: multiprocessing.Queue[float] = context.Queue()
                 barrier = context.Barrier(processes)
