@@ -7,7 +7,7 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -622,24 +622,7 @@ def test_batches_from_two_mtas_match_memory_store(
 ) -> None:
     """Batches sent through two RedisStores in turns (each one's copy of the state goes stale)
     give the same effects, states and audit trail as observe one by one on a MemoryStore."""
-    machine = BlockMachine(policy)
-    memory = MemoryStore()
-    run = next(_tenant_ids)
-    now = NOW
-    for i, (step, raw) in enumerate(batches):
-        now += step
-        items = [(f"{t}{run}", r, None if r else d, 1) for t, r, d in raw]
-        expected = [
-            _summary(memory.observe(machine, t, now, registered=r, registrable=d, weight=w)[1])
-            for t, r, d, w in items
-        ]
-        got = shared_redis[i % 2].observe_many(machine, items, now)
-        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in got] == expected
-    for tenant in (f"x{run}", f"y{run}"):
-        assert shared_redis[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
-        assert [r.to_dict() for r in shared_redis[1].history(tenant)] == [
-            r.to_dict() for r in memory.history(tenant)
-        ]
+    _batches_match_memory(shared_redis, policy, batches, prefix="")
 
 
 # --------------------------------------------------------------------------- packed rounds
@@ -795,24 +778,7 @@ def test_packed_and_pipelined_batches_match_memory_store(
 ) -> None:
     """Batches sent in turns by a store packing its rounds and one using redis-py's pipeline
     give the effects, states and audit trail of observe one by one on a MemoryStore."""
-    machine = BlockMachine(policy)
-    memory = MemoryStore()
-    run = next(_tenant_ids)
-    now = NOW
-    for i, (step, raw) in enumerate(batches):
-        now += step
-        items = [(f"m{t}{run}", r, None if r else d, 1) for t, r, d in raw]
-        expected = [
-            _summary(memory.observe(machine, t, now, registered=r, registrable=d, weight=w)[1])
-            for t, r, d, w in items
-        ]
-        got = mixed_redis[i % 2].observe_many(machine, items, now)
-        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in got] == expected
-    for tenant in (f"mx{run}", f"my{run}"):
-        assert mixed_redis[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
-        assert [r.to_dict() for r in mixed_redis[1].history(tenant)] == [
-            r.to_dict() for r in memory.history(tenant)
-        ]
+    _batches_match_memory(mixed_redis, policy, batches, prefix="m")
 
 
 # --------------------------------------------------------------------------- durability
@@ -849,3 +815,32 @@ def test_session_server_is_shared(url: str) -> None:
     """The conformance factory and the session server point at the same loopback server."""
     assert url == session_server().url
     assert url.startswith("redis://127.0.0.1:")
+
+
+def _batches_match_memory(
+    stores: Sequence[RedisStore],
+    policy: BlockPolicy,
+    batches: list[tuple[float, list[tuple[str, bool, str]]]],
+    *,
+    prefix: str,
+) -> None:
+    """Send *batches* through *stores* in turns and check every effect, the final states and the
+    audit trails against observe one by one on a MemoryStore (tenants ``<prefix>x``/``y``)."""
+    machine = BlockMachine(policy)
+    memory = MemoryStore()
+    run = next(_tenant_ids)
+    now = NOW
+    for i, (step, raw) in enumerate(batches):
+        now += step
+        items = [(f"{prefix}{t}{run}", r, None if r else d, 1) for t, r, d in raw]
+        expected = [
+            _summary(memory.observe(machine, t, now, registered=r, registrable=d, weight=w)[1])
+            for t, r, d, w in items
+        ]
+        got = stores[i % len(stores)].observe_many(machine, items, now)
+        assert [_summary(r[1]) if isinstance(r, tuple) else r for r in got] == expected
+    for tenant in (f"{prefix}x{run}", f"{prefix}y{run}"):
+        assert stores[0].load(tenant).to_dict() == memory.load(tenant).to_dict()
+        assert [r.to_dict() for r in stores[-1].history(tenant)] == [
+            r.to_dict() for r in memory.history(tenant)
+        ]
