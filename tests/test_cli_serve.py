@@ -244,3 +244,38 @@ def test_serve_reloads_on_sighup_and_stops_on_sigterm(config: Path, child: Child
     assert "policy server closed" in log
     assert "sender_domain=fabrikam.example verdict=accept code=250" in log
     assert "tenant=fabrikam" in log
+
+
+PINNED_CONFIG = (
+    CONFIG
+    + """
+[[connectors]]
+name = "onprem"
+tenant = "contoso"
+tls_cert_names = ["mail.contoso.example"]
+
+[postfix]
+pinned_certificates = { "AA:BB:CC:DD:EE:FF" = "mail.contoso.example" }
+"""
+)
+
+
+def test_serve_attributes_pinned_certificate_fingerprints(tmp_path: Path) -> None:
+    """A pinned ccert_fingerprint attributes the client to its tenant; a reload that removes
+    the pin stops it."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(PINNED_CONFIG)
+    pinned = request("x@spam.example", "p1").replace(
+        b"instance=p1\n", b"instance=p1\nccert_fingerprint=aa:bb:cc:dd:ee:ff\n"
+    )
+    process = Child(path)
+    try:
+        assert ask(process.socket, request("x@spam.example", "p0")).startswith("550 5.7.64 ")
+        assert ask(process.socket, pinned) == "DUNNO"
+        path.write_text(CONFIG)
+        process.signal(signal.SIGHUP)
+        process.wait_for("domainpolicy_policy_reloads_total", 1)
+        again = pinned.replace(b"instance=p1", b"instance=p2")
+        assert ask(process.socket, again).startswith("550 5.7.64 ")
+    finally:
+        process.close()

@@ -145,3 +145,42 @@ def test_unreadable_or_invalid_toml(tmp_path: Path, content: str | None, needle:
     with pytest.raises(InvalidConfiguration) as info:
         load_config(path)
     assert needle in str(info.value)
+
+
+PINNED = """
+[tenants.contoso]
+domains = ["contoso.example"]
+
+[[connectors]]
+name = "onprem"
+tenant = "contoso"
+tls_cert_names = ["mail.contoso.example"]
+
+[postfix]
+pinned_certificates = { "AA:BB:CC:DD" = "mail.contoso.example" }
+"""
+
+
+def test_pinned_certificates_for_postfix(tmp_path: Path) -> None:
+    """[postfix] pinned_certificates maps fingerprints to certificate names."""
+    path = tmp_path / "c.toml"
+    path.write_text(PINNED, encoding="utf-8")
+    assert load_config(path).pinned_certificates == {"AA:BB:CC:DD": "mail.contoso.example"}
+
+
+def test_bad_pinned_certificates_are_reported_with_their_key(tmp_path: Path) -> None:
+    """A non-hex fingerprint, a bad name or an unknown [postfix] key is named in the error."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        PINNED.replace(
+            '{ "AA:BB:CC:DD" = "mail.contoso.example" }',
+            '{ "not-hex" = "mail.contoso.example", "AABB" = "bad..name" }\nextra = 1',
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(InvalidConfiguration) as info:
+        load_config(path)
+    text = "\n".join(info.value.problems)
+    assert "postfix.pinned_certificates.'not-hex':" in text
+    assert "postfix.pinned_certificates.'AABB': the certificate name" in text
+    assert "postfix.extra:" in text

@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 from ._cli import COMMANDS, EXIT_OK, EXIT_USAGE
 from ._config import PolicyConfig, load_config
@@ -41,6 +41,7 @@ from .integrations.postfix import (
     InstanceCache,
     ListenAddress,
     PolicyServer,
+    PostfixHandler,
     ServerSettings,
     install_signal_handlers,
     make_handler,
@@ -141,7 +142,15 @@ class _Service:
         self.path = path
         self.config = config
         self.policy = policy
+        self.server: PolicyServer | None = None
+        self.cache: InstanceCache[Any] | None = None
         self._lock = asyncio.Lock()
+
+    def handler(self) -> PostfixHandler:
+        """The Postfix handler for the configuration in force (sharing the per-message cache)."""
+        return make_handler(
+            self.policy, cache=self.cache, pinned_certificates=self.config.pinned_certificates
+        )
 
     async def reload(self) -> None:
         """Re-read the configuration and swap it in; raise (keeping the old one) if invalid.
@@ -153,6 +162,8 @@ class _Service:
             new = await asyncio.to_thread(load_config, self.path)
             self.policy.reload(matcher=new.matcher, connectors=new.connectors, replies=new.replies)
             old, self.config = self.config, new
+            if new.pinned_certificates != old.pinned_certificates and self.server is not None:
+                self.server.set_handler(self.handler())
             ignored = [
                 name
                 for name, changed in (
@@ -182,8 +193,9 @@ async def _serve(
     metrics: ListenAddress | None,
 ) -> int:
     settings = ServerSettings(request_timeout=args.request_timeout)
-    handler = make_handler(service.policy, cache=InstanceCache(maxsize=args.cache_size))
-    server = PolicyServer(handler, settings=settings, reload_hook=service.reload)
+    service.cache = InstanceCache(maxsize=args.cache_size)
+    server = PolicyServer(service.handler(), settings=settings, reload_hook=service.reload)
+    service.server = server
     endpoint: MetricsEndpoint | None = None
     try:
         try:

@@ -20,8 +20,9 @@ import attrs
 
 from ._blockstate import BlockPolicy
 from ._connectors import ConnectorTable, InboundConnector
-from ._errors import InvalidConfiguration, shown
+from ._errors import InvalidConfiguration, InvalidDomain, shown
 from ._matcher import AcceptedDomain, DomainMatcher, DomainType
+from ._names import normalize_domain
 from ._policy import RelayPolicy
 from ._replies import ReplyCatalog
 from ._stores import StateStore, open_store
@@ -29,7 +30,7 @@ from ._stores import StateStore, open_store
 __all__ = ["PolicyConfig", "load_config", "parse_domains_file"]
 
 _TOP_KEYS: Final = frozenset(
-    {"store", "policy", "relay", "replies", "tenants", "connectors", "domains_file"}
+    {"store", "policy", "relay", "replies", "tenants", "connectors", "domains_file", "postfix"}
 )
 _TENANT_KEYS: Final = frozenset({"domains", "domains_file"})
 _DOMAIN_KEYS: Final = frozenset({"domain", "match_subdomains", "type"})
@@ -54,6 +55,9 @@ class PolicyConfig:
         replies: reply texts.
         store_url: where state lives (``sqlite:...`` by default, next to the file).
         relay: options for `RelayPolicy` (``null_sender``, ``count``, ``fail_open``).
+        pinned_certificates: for the Postfix policy server, TLS client certificate fingerprints
+            (Postfix's ``ccert_fingerprint`` / ``ccert_pubkey_fingerprint``) mapped to the
+            certificate name to attribute them by (``[postfix] pinned_certificates``).
     """
 
     source: str
@@ -64,6 +68,7 @@ class PolicyConfig:
     replies: ReplyCatalog
     store_url: str
     relay: Mapping[str, Any] = attrs.field(factory=dict)
+    pinned_certificates: Mapping[str, str] = attrs.field(factory=dict)
 
     def open_store(self) -> StateStore:
         """Open the configured store.
@@ -237,6 +242,33 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
 
 
 _ENTRY_RE: Final = re.compile(r"^entry #(\d+) ")
+_FINGERPRINT_RE: Final = re.compile(r"[0-9A-Fa-f]{2}(?:[:]?[0-9A-Fa-f]{2})+")
+
+
+def _pinned_certificates(table: object, problems: _Problems) -> dict[str, str]:
+    """``[postfix] pinned_certificates = { "AB:CD:..." = "mail.contoso.com" }``, checked."""
+    if not isinstance(table, Mapping):
+        problems.add("postfix", "must be a table")
+        return {}
+    for key in sorted(set(table) - {"pinned_certificates"}):
+        problems.add(f"postfix.{key}", "unknown key (expected pinned_certificates)")
+    pinned = table.get("pinned_certificates", {})
+    if not isinstance(pinned, Mapping):
+        problems.add("postfix.pinned_certificates", "must be a table of fingerprint = name")
+        return {}
+    result: dict[str, str] = {}
+    for fingerprint, name in pinned.items():
+        where = f"postfix.pinned_certificates.{fingerprint!r}"
+        if not _FINGERPRINT_RE.fullmatch(fingerprint):
+            problems.add(where, "the key must be a hex fingerprint (AB:CD:... or ABCD...)")
+            continue
+        try:
+            normalize_domain(name)
+        except InvalidDomain as exc:
+            problems.add(where, f"the certificate name is not a valid host name: {exc.detail}")
+            continue
+        result[fingerprint] = name
+    return result
 
 
 def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
@@ -382,6 +414,8 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         else:
             store_url = url
 
+    pinned = _pinned_certificates(data.get("postfix", {}), problems)
+
     if problems.items or matcher is None or connector_table is None or block_policy is None:
         raise InvalidConfiguration(problems.items or ["configuration is incomplete"], source=source)
     return PolicyConfig(
@@ -393,4 +427,5 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         replies=replies,
         store_url=store_url,
         relay=dict(relay),
+        pinned_certificates=pinned,
     )
