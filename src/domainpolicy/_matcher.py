@@ -135,8 +135,10 @@ import attrs
 
 from ._errors import InvalidConfiguration, InvalidDomain, InvalidSnapshot, shown
 from ._names import (
+    _LDH_DOT,
     NormalizedDomain,
     _check_input,
+    _is_plain_key,
     _normalize_uncached,
     _results_get,
     normalize_domain,
@@ -247,7 +249,6 @@ SNAPSHOT_VERSION: Final = 1
 
 _MAGIC: Final = b"domainpolicy-matcher/"
 _DIGEST_BYTES: Final = 32
-_LDH_DOT: Final = "abcdefghijklmnopqrstuvwxyz0123456789-."
 _KEY_BYTES: Final = (_LDH_DOT + "\n").encode("ascii")
 _EXACT = MatchKind.EXACT
 _SUBDOMAIN = MatchKind.SUBDOMAIN
@@ -257,26 +258,14 @@ _WILDCARD = MatchKind.WILDCARD
 def _quick_key(text: str) -> str | None:
     """The normalised form of pure-ASCII *text* when it is plainly a valid name, else None.
 
-    Every condition implies `normalize_domain` returns exactly this string (the same shortcut
-    ``_names._ascii_path`` takes, applied after removing one trailing dot); anything else
-    (IDN, ``xn--``, long names, errors) goes to `normalize_domain`.  A test checks agreement.
+    The test is ``_names._is_plain_key``, the shortcut ``normalize_domain``'s ASCII path takes,
+    applied after removing one trailing dot, so the answer is exactly `normalize_domain`'s;
+    anything else (IDN, ``xn--``, long names, errors) goes to `normalize_domain`.
     """
     key = text.lower()
     if key[-1:] == ".":
         key = key[:-1]
-    if (
-        len(key) <= 63
-        and not key.strip(_LDH_DOT)
-        and "." in key
-        and key[0] not in ".-"
-        and key[-1] > "9"
-        and ".." not in key
-        and "-." not in key
-        and ".-" not in key
-        and "--" not in key
-    ):
-        return key
-    return None
+    return key if _is_plain_key(key) else None
 
 
 def _public_check(suffixes: PublicSuffixes) -> Callable[[str], bool]:

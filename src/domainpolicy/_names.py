@@ -220,14 +220,17 @@ def _finish(text: str, mapped: str, aligned: bool) -> str:
 # --------------------------------------------------------------------------- the two paths
 
 
-def _ascii_path(text: str) -> str:
-    """Normalise pure-ASCII *text* without calling idna (except to validate ``xn--`` labels)."""
-    mapped = text.lower()
-    # Shortcut for the common case.  Every condition here implies _finish returns *mapped*
-    # unchanged: LDH characters only, no empty labels, no label starting or ending with '-',
-    # no '--' anywhere (so no xn-- and no reserved hyphens), total <= 63 octets (so each
-    # label is too), at least two labels, and a letter last (so the TLD is not all digits).
-    if (
+def _is_plain_key(mapped: str) -> bool:
+    """True when lower-case ASCII *mapped* (one trailing dot already removed, or none) is
+    plainly a valid name that normalises to itself: the common case, decided with a few C-level
+    string operations.
+
+    Every condition implies `_finish` returns *mapped* unchanged: LDH characters only, no empty
+    labels, no label starting or ending with '-', no '--' anywhere (so no xn-- and no reserved
+    hyphens), total <= 63 octets (so each label is too), at least two labels, and a letter last
+    (so the TLD is not all digits).
+    """
+    return (
         len(mapped) <= _MAX_LABEL_OCTETS
         and not mapped.strip(_LDH_DOT)
         and "." in mapped
@@ -237,7 +240,13 @@ def _ascii_path(text: str) -> str:
         and "-." not in mapped
         and ".-" not in mapped
         and "--" not in mapped
-    ):
+    )
+
+
+def _ascii_path(text: str) -> str:
+    """Normalise pure-ASCII *text* without calling idna (except to validate ``xn--`` labels)."""
+    mapped = text.lower()
+    if _is_plain_key(mapped):
         return mapped
     if mapped.strip(_LDH_DOT):
         # Same answer as UTS #46 with STD3 rules: the first disallowed character, by position.
