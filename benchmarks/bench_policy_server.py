@@ -30,7 +30,6 @@ import asyncio
 import logging
 import os
 import selectors
-import shutil
 import socket
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import _support
 from domainpolicy.integrations import PolicyRequest, PolicyServer
 
 __all__ = ["main"]
@@ -105,25 +105,6 @@ def serve_trivial(log: bool) -> None:
         await server.serve_forever()
 
     asyncio.run(run())
-
-
-def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
-    """Start ``redis-server`` on a free loopback port; None if it is not installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        return None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    process = subprocess.Popen([*argv, "no", "--dir", directory], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                break
-        except OSError:
-            time.sleep(0.05)
-    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def start_server(argv: list[str], stderr: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
@@ -244,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         url = f"sqlite:{scratch}/state-{len(os.listdir(scratch))}.sqlite3"
                     elif name == "redis":
                         if redis is None:
-                            redis = start_redis(scratch)
+                            redis = _support.start_redis(scratch)
                         if redis is None:
                             print("| redis | - | redis-server not installed | | | |")
                             continue

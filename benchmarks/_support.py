@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts (imported as ``_support``: the scripts run from
+this directory, which Python puts first on ``sys.path``)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+
+def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
+    """Start ``redis-server`` on a free loopback port (no persistence, files in *directory*)
+    and wait until it accepts connections; return the process and its URL, or None if
+    ``redis-server`` is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    process = subprocess.Popen([*argv, "no", "--dir", directory], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
+                break
+        except OSError:
+            time.sleep(0.05)
+    return process, f"redis://127.0.0.1:{port}/0"
