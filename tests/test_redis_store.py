@@ -33,23 +33,13 @@ from domainpolicy import (
 from domainpolicy._blockstate import Effects, InvalidEvent
 from domainpolicy._redis_store import RedisStore, _Wire
 from redis_support import RedisServer, redis_url, session_server
+from store_support import BATCH_POLICY
 
 pytestmark = pytest.mark.redis
 
 NOW = 1_800_000_000.0
 POLICIES = [
-    BlockPolicy(
-        window_seconds=40,
-        bucket_seconds=10,
-        message_limit=8,
-        domain_limit=3,
-        max_tracked_domains=5,
-        warn_fraction=0.5,
-        suspend_factor=2.0,
-        probation_seconds=100,
-        probation_fraction=0.5,
-        sample_size=3,
-    ),
+    BATCH_POLICY,
     BlockPolicy(
         window_seconds=40,
         bucket_seconds=10,
