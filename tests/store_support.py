@@ -78,9 +78,6 @@ def worker(
     results.put((accepted, refused))
 
 
-def open_for(url: str) -> StateStore:
-    return open_store(url)
-
 
 def open_deterministic(url: str) -> StateStore:
     """Open *url* with observations on the caller's clock (Redis: ``server_time=False``), so that

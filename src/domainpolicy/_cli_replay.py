@@ -108,9 +108,8 @@ class _Progress:
 
 
 class _Replay:
-    def __init__(self, policy: RelayPolicy, clock: list[float], out: TextIO, as_json: bool) -> None:
+    def __init__(self, policy: RelayPolicy, out: TextIO, as_json: bool) -> None:
         self.policy = policy
-        self.clock = clock
         self.out = out
         self.as_json = as_json
         self.counts = {"accepted": 0, "refused": 0, "tempfail": 0, "admin": 0, "rejected": 0}
@@ -302,7 +301,7 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: list[float]) -> int:
-    replay = _Replay(policy, clock, out, args.json)
+    replay = _Replay(policy, out, args.json)
     handle: Any
     if args.log == "-":
         handle, total = sys.stdin.buffer, 0
