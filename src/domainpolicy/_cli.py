@@ -20,7 +20,15 @@ from ._psl import default_public_suffixes
 if TYPE_CHECKING:
     from ._matcher import DomainMatcher
 
-__all__ = ["EXIT_INVALID", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Progress",
+    "add_progress_option",
+    "build_parser",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -192,6 +200,47 @@ def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         ]
         _emit(out, args, record, "\n".join(lines))
     return status
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` for a command that may run long."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal)",
+    )
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="never show it")
+
+
+class Progress:
+    """A progress bar on stderr, ``[#####    ]  20% <label>``, redrawn when the percentage
+    changes; nothing at all unless *enabled* (``--progress``, or stderr is a terminal)."""
+
+    def __init__(self, total: int, args: argparse.Namespace) -> None:
+        self.total = max(total, 1)
+        self.enabled: bool = args.progress if args.progress is not None else sys.stderr.isatty()
+        self.shown = -1
+
+    def draw(self, done: int, label: str, *, force: bool = False) -> None:
+        """Show *done* of the total with *label* (only if the percentage changed, or *force*)."""
+        if not self.enabled:
+            return
+        percent = min(100, done * 100 // self.total)
+        if percent == self.shown and not force:
+            return
+        self.shown = percent
+        sys.stderr.write(f"\r[{'#' * (percent // 4):<25}] {percent:3d}% {label}")
+        sys.stderr.flush()
+
+    def finish(self, done: int | None = None, label: str = "") -> None:
+        """Draw the final state (when *done* is given) and end the line."""
+        if done is not None:
+            self.draw(done, label, force=True)
+        if self.enabled and self.shown >= 0:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 # Later parts of domainpolicy add their commands here: name -> (help, configure, handler).

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, TextIO
 
 from ._blockstate import Block, ChecklistIncomplete, TenantState
-from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, EXIT_USAGE
+from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, EXIT_USAGE, Progress, add_progress_option
 from ._config import PolicyConfig, load_config, parse_domains_file
 from ._connectors import InboundConnector
 from ._dsn import build_dsn
@@ -111,44 +111,6 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_progress(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar on stderr (default: only when stderr is a terminal)",
-    )
-    group.add_argument("--no-progress", dest="progress", action="store_false", help="never show it")
-
-
-class _Progress:
-    """A progress bar on stderr, redrawn every `_PROGRESS_STEP` lines and at the end."""
-
-    def __init__(self, total: int, enabled: bool, what: str) -> None:
-        self.total = max(total, 1)
-        self.enabled = enabled
-        self.what = what
-        self.drawn = False
-
-    def draw(self, done: int) -> int:
-        """Draw the bar at *done* lines; returns the line count at which to draw again."""
-        if self.enabled:
-            percent = min(100, done * 100 // self.total)
-            bar = "#" * (percent // 4)
-            sys.stderr.write(f"\r[{bar:<25}] {percent:3d}% {done}/{self.total} {self.what}")
-            sys.stderr.flush()
-            self.drawn = True
-        return done + _PROGRESS_STEP
-
-    def finish(self, done: int) -> None:
-        """Draw the final state and end the line."""
-        if self.enabled:
-            self.draw(done)
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 # --------------------------------------------------------------------------- compile
 
 
@@ -192,7 +154,7 @@ def _configure_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tenant", help="tenant of lines that have no tenant column (default: such lines are bad)"
     )
-    _add_progress(parser)
+    add_progress_option(parser)
 
 
 def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
@@ -206,20 +168,21 @@ def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
         return _error(f"cannot read domains file {source!r}: {exc.strerror or exc}")
     except DomainPolicyError as exc:
         return _error(_one_line(exc))
-    enabled = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = _Progress(total, enabled, "lines")
+    progress = Progress(total, args)
     problems: list[tuple[int | None, str]] = []
     line_of = array("L")  # line number of each entry, by its position in the compiled sequence
     tenants: set[str] = set()
     last = [0]
 
     def entries() -> Iterator[AcceptedDomain]:
-        redraw = progress.draw(0) if enabled else total + 1
+        progress.draw(0, f"0/{total} lines")
+        redraw = _PROGRESS_STEP if progress.enabled else total + 1
         try:
             for number, item in parse_domains_file(source, tenant=args.tenant):
                 last[0] = number
                 if number >= redraw:
-                    redraw = progress.draw(number)
+                    progress.draw(number, f"{number}/{total} lines")
+                    redraw = number + _PROGRESS_STEP
                 if isinstance(item, str):
                     problems.append((number, item))
                     continue
@@ -237,7 +200,7 @@ def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
             max_domains_per_tenant=args.max_domains_per_tenant,
         )
     except _ReadError as exc:
-        progress.finish(last[0])
+        progress.finish(last[0], f"{last[0]}/{total} lines")
         return _error(str(exc))
     except InvalidConfiguration as exc:
         for problem in exc.problems:
@@ -246,7 +209,7 @@ def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
                 problems.append((line_of[int(found.group(1))], problem[found.end() :]))
             else:
                 problems.append((None, problem))
-    progress.finish(total)
+    progress.finish(total, f"{total}/{total} lines")
     problems.sort(key=lambda item: (item[0] is None, item[0] or 0))
     written = None
     if matcher is not None and not problems:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from ._blockstate import ChecklistIncomplete
-from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK
+from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, Progress, add_progress_option
 from ._config import load_config
 from ._connectors import InboundConnector
 from ._errors import DomainPolicyError, InvalidConfiguration
@@ -82,29 +82,6 @@ def _text(event: dict[str, Any], key: str, default: str | None = None) -> str:
     if not isinstance(value, str):
         raise _BadEvent(f"{key!r} must be a string")
     return value
-
-
-class _Progress:
-    """A progress bar on stderr, by bytes read (cheap for long logs)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = max(total, 1)
-        self.enabled = enabled
-        self.shown = -1
-
-    def update(self, done: int, count: int) -> None:
-        if not self.enabled:
-            return
-        percent = min(100, done * 100 // self.total)
-        if percent != self.shown:
-            self.shown = percent
-            bar = "#" * (percent // 4)
-            sys.stderr.write(f"\r[{bar:<25}] {percent:3d}% {count} events")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.shown >= 0:
-            sys.stderr.write("\n")
 
 
 class _Replay:
@@ -274,14 +251,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", help="state store URL (default: a fresh temporary SQLite database)"
     )
-    progress = parser.add_mutually_exclusive_group()
-    progress.add_argument(
-        "--progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar on stderr (default: when stderr is a TTY)",
-    )
-    progress.add_argument("--no-progress", dest="progress", action="store_false")
+    add_progress_option(parser)
 
 
 def _run(args: argparse.Namespace, out: TextIO) -> int:
@@ -311,8 +281,7 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
             total = os.fstat(handle.fileno()).st_size
         except OSError as exc:
             raise InvalidConfiguration([f"cannot read relay log {args.log!r}: {exc}"]) from exc
-    enabled = args.progress if args.progress is not None else sys.stderr.isatty()
-    progress = _Progress(total, enabled)
+    progress = Progress(total, args)
     bad = 0
     done = 0
     events = 0
@@ -341,7 +310,7 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
             except (_BadEvent, ValueError, UnicodeDecodeError) as exc:
                 bad += 1
                 sys.stderr.write(f"domainpolicy: {args.log}:{number}: skipped: {exc}\n")
-            progress.update(done, events)
+            progress.draw(done, f"{events} events")
     finally:
         progress.finish()
         if handle is not sys.stdin.buffer:
