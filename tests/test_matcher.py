@@ -636,6 +636,12 @@ _ODD_ENTRIES = [
     A("\u212a.example.org", "t2"),
     A("*.", "t1"),
     A(".", "t1"),
+    A("a.com-", "t1"),
+    A("a-.example.net", "t1"),
+    A("a.-b.example.net", "t1"),
+    A("a.b9", "t1"),
+    A("a.example.net..", "t1"),
+    A("9.example.net", "t1"),
 ]
 
 
@@ -671,6 +677,21 @@ def test_batch_compile_agrees_with_the_builder(
     table = batch[0]
     assert list(table.items()) == list(builder.table.items())
     assert len({id(node) for node in table.values()}) == len(set(table.values()))
+
+
+def test_compile_keeps_one_tenant_string_per_tenant() -> None:
+    """Entries carrying equal but distinct tenant strings share one string in the matcher."""
+    names = [f"d{number}.example.com" for number in range(50)]
+    entries = [
+        A(name, "".join(["tenant-", "a"]), match_subdomains=number % 2 == 0)
+        for number, name in enumerate(names)
+    ]
+    entries.append(A("*.w.example.org", "".join(["tenant-", "a"]), DomainType.INTERNAL_RELAY))
+    assert len({id(entry.tenant) for entry in entries}) > 1
+    matcher = DomainMatcher.compile(entries)
+    owners = {id(owner): owner for node in matcher._table.values() for owner in node if owner}
+    assert len(owners) == 3
+    assert len({id(owner.tenant) for owner in owners.values()}) == 1
 
 
 def test_batch_compile_falls_back_for_problems_and_restores_gc() -> None:

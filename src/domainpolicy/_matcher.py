@@ -127,9 +127,9 @@ from array import array
 from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate, compress, repeat
-from operator import add, and_, attrgetter, contains, getitem, itemgetter, not_
-from typing import Final, TypeAlias, cast
+from itertools import accumulate, compress, filterfalse, repeat
+from operator import add, attrgetter, contains, eq, getitem, itemgetter, not_
+from typing import Final, TypeAlias
 
 import attrs
 
@@ -520,66 +520,65 @@ _GET_SUBS: Final = attrgetter("match_subdomains")
 _LAST_CHAR: Final = slice(-1, None)
 _LETTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyz")
 _HIGH_BYTES: Final = bytes(range(128, 256))
-_HYPHEN_AS_DOT: Final = bytes.maketrans(b"-", b".")
-_TYPE_BY_ID: Final = {id(member): member for member in DomainType}
-_KIND_BY_ID: Final = {id(member): member for member in MatchKind}
-_EXACT_ID: Final = id(_EXACT)
-_SUBDOMAIN_ID: Final = id(_SUBDOMAIN)
-_WILDCARD_ID: Final = id(_WILDCARD)
+_FOLD: Final = bytes.maketrans(b"-0123456789", b".0000000000")
 
 
-_Shape: TypeAlias = tuple[str, int, bool, bool]
-"""(tenant, id(domain type), wildcard, match_subdomains) of an entry."""
-_OwnerKey: TypeAlias = tuple[str, int, int]
-"""(tenant, id(domain type), id(kind)), the key of `_Builder.owners`."""
+_SHAPE_OF: Final = {
+    (id(domain_type), wildcard, subs): (number * 3 + (2 if wildcard else subs))
+    for number, domain_type in enumerate(DomainType)
+    for wildcard, subs in ((False, False), (False, True), (True, False))
+}
+"""(id(domain type), wildcard, match_subdomains) -> shape code: 3 * type number + 0 (exact
+only), 1 (exact and subdomains) or 2 (wildcard).  A wildcard with match_subdomains has none."""
+_TYPE_IDS: Final = frozenset(map(id, DomainType))
+_BOOL_IDS: Final = frozenset((id(True), id(False)))
 
 
-def _intern_nodes(
-    shapes: dict[_Shape, None], builder: _Builder
-) -> tuple[dict[_Shape, _Node], Callable[[], None]]:
-    """The node of a key configured by one entry of each distinct shape, sharing owners and
-    nodes exactly as `_Builder.add` would, and a function that registers them with *builder*
-    (needed only if entries must be replayed through it).
+def _shape_nodes(
+    codes: list[int], tenants: list[str]
+) -> tuple[list[dict[str, _Node]], dict[tuple[DomainType, MatchKind], dict[str, Owner]]]:
+    """For each shape code, the node of every tenant using it; and the owners by (type, kind).
 
-    One comprehension per distinct shape and C-level loops for the owners: a large
-    configuration has hundreds of thousands of tenants.
+    Owners and nodes are shared exactly as `_Builder.add` shares them: one owner per (tenant,
+    type, kind), one node per (apex owner, below owner), and one tenant string per tenant
+    (the first one configured).  Every loop is C-level, once per shape code in use (a
+    large configuration has hundreds of thousands of tenants but only a few shape codes).
     """
-    apex_keys: list[_OwnerKey | None] = [
-        None if wildcard else (tenant, type_id, _EXACT_ID)
-        for tenant, type_id, wildcard, _ in shapes
-    ]
-    below_keys: list[_OwnerKey | None] = [
-        (tenant, type_id, _WILDCARD_ID) if wildcard
-        else (tenant, type_id, _SUBDOMAIN_ID) if subs
-        else None
-        for tenant, type_id, wildcard, subs in shapes
-    ]
-    wanted = dict.fromkeys(apex_keys)
-    wanted.update(dict.fromkeys(below_keys))
-    wanted.pop(None, None)
-    owner_keys = cast("list[_OwnerKey]", list(wanted))
-    owners = _new_owners(
-        list(map(itemgetter(0), owner_keys)),
-        list(map(_TYPE_BY_ID.__getitem__, map(itemgetter(1), owner_keys))),
-        list(map(_KIND_BY_ID.__getitem__, map(itemgetter(2), owner_keys))),
-    )
-    owner_of: dict[_OwnerKey | None, Owner | None] = dict(zip(owner_keys, owners, strict=True))
-    nodes: list[_Node] = list(
-        zip(
-            map(owner_of.get, apex_keys),
-            map(owner_of.get, below_keys),
-            strict=True,
-        )
-    )
+    first = dict.fromkeys(tenants)
+    canonical: dict[str, str] = dict(zip(first, first, strict=True))
+    del first
+    owners: dict[tuple[DomainType, MatchKind], dict[str, Owner]] = {}
 
-    def register() -> None:
-        builder.owners.update(owner_of)  # type: ignore[arg-type]
-        node_ids = zip(
-            map(id, map(itemgetter(0), nodes)), map(id, map(itemgetter(1), nodes)), strict=True
+    def owners_for(
+        domain_type: DomainType, kind: MatchKind, wanted: dict[str, None]
+    ) -> dict[str, Owner]:
+        known = owners.setdefault((domain_type, kind), {})
+        new = list(map(canonical.__getitem__, filterfalse(known.__contains__, wanted)))
+        known.update(
+            zip(new, _new_owners(new, [domain_type] * len(new), [kind] * len(new)), strict=True)
         )
-        builder.nodes.update(zip(node_ids, nodes, strict=True))
+        return known
 
-    return dict(zip(shapes, nodes, strict=True)), register
+    nodes: list[dict[str, _Node]] = [{} for _ in range(3 * len(_TYPE_CODES))]
+    for code in sorted(set(codes)):
+        domain_type = _TYPE_CODES[code // 3]
+        shape = code % 3
+        wanted = dict.fromkeys(compress(tenants, map(eq, codes, repeat(code))))
+        made: Iterable[_Node]
+        if shape == 2:
+            below = owners_for(domain_type, _WILDCARD, wanted)
+            made = zip(repeat(None), map(below.__getitem__, wanted), strict=False)
+        else:
+            apex = owners_for(domain_type, _EXACT, wanted)
+            if shape == 1:
+                below = owners_for(domain_type, _SUBDOMAIN, wanted)
+                made = zip(
+                    map(apex.__getitem__, wanted), map(below.__getitem__, wanted), strict=True
+                )
+            else:
+                made = zip(map(apex.__getitem__, wanted), repeat(None), strict=False)
+        nodes[code] = dict(zip(wanted, made, strict=False))
+    return nodes, owners
 
 
 def _lines_with(blob: str, needle: str, starts: list[int]) -> Iterator[int]:
@@ -608,7 +607,9 @@ def _batch_keys(domains: list[str], wild: list[bool]) -> list[str] | None:
     if len(lines) != count:  # pragma: no cover - cannot happen (lower() adds no line feed)
         return None
     numbers = range(count)
-    bad: set[int] = set(compress(numbers, map(not_, map(str.isascii, domains))))
+    bad: set[int] = set()
+    if not blob.isascii():
+        bad.update(compress(numbers, map(not_, map(str.isascii, domains))))
     # Bytes other than letters, digits, '-', '.', '\n': UTF-8 bytes of non-ASCII names (found
     # above) are expected; any ASCII one means some ASCII name needs a closer look.
     encoded = blob.encode("utf-8", "surrogatepass")
@@ -620,14 +621,16 @@ def _batch_keys(domains: list[str], wild: list[bool]) -> list[str] | None:
     del dotted
     if max(map(len, lines)) > 63:
         bad.update(number for number, line in enumerate(lines) if len(line) > 63)
-    lasts = list(map(getitem, lines, repeat(_LAST_CHAR)))
-    if not _LETTERS.issuperset(lasts):
-        bad.update(compress(numbers, map(not_, map(_LETTERS.__contains__, lasts))))
-    del lasts
-    # '..', '-.', '.-', '--' (empty label, hyphen at a label edge, reserved '--') and a name
-    # starting with '.' or '-' become '..' or '\n.' once every '-' is read as '.'.
-    folded = encoded.translate(_HYPHEN_AS_DOT)
+    # One translation serves the remaining checks: letters stay, digits become '0', '-' becomes
+    # '.', so a name ending in a digit or '-' shows as '0\n' or '.\n' ('-' at the end of a
+    # label, '..', '-.', '.-', '--' and a name starting with '.' or '-' all show as '..' or
+    # '\n.').  Bytes of non-ASCII names are left alone (those names are in *bad* already).
+    folded = encoded.translate(_FOLD)
     del encoded
+    if b"0\n" in folded or b".\n" in folded:
+        lasts = list(map(getitem, lines, repeat(_LAST_CHAR)))
+        bad.update(compress(numbers, map(not_, map(_LETTERS.__contains__, lasts))))
+        del lasts
     if b".." in folded or b"\n." in folded:
         needles = [n for n in ("..", "-.", ".-", "--", "\n.", "\n-") if n in blob]
         starts = list(accumulate(map(add, map(len, lines), repeat(1)), initial=1))
@@ -725,33 +728,40 @@ def _compile_batch(
     entries = items
     domains: list[str] = list(map(_GET_DOMAIN, entries))
     tenants: list[str] = list(map(_GET_TENANT, entries))
-    types: list[DomainType] = list(map(_GET_TYPE, entries))
+    type_ids: list[int] = list(map(id, map(_GET_TYPE, entries)))
     subs: list[bool] = list(map(_GET_SUBS, entries))
     if (
         set(map(type, domains)) != {str}
         or set(map(type, tenants)) != {str}
         or "" in tenants
-        or set(map(type, types)) != {DomainType}
-        or not {bool}.issuperset(map(type, subs))
+        or not _TYPE_IDS.issuperset(type_ids)
+        or not _BOOL_IDS.issuperset(map(id, subs))
     ):
         return None
     wild = list(map(str.startswith, domains, repeat("*.")))
-    if any(map(and_, wild, subs)):
-        return None
+    try:
+        codes = list(map(_SHAPE_OF.__getitem__, zip(type_ids, wild, subs, strict=True)))
+    except KeyError:
+        return None  # a wildcard with match_subdomains: the builder says why
+    del type_ids, subs
     keys = _batch_keys(domains, wild)
     if keys is None:
         return None
     del domains
-    builder = _Builder({}, {}, suffixes, limit)
-    node_for, register = _intern_nodes(
-        dict.fromkeys(zip(tenants, map(id, types), wild, subs, strict=True)), builder
-    )
-    shapes = zip(tenants, map(id, types), wild, subs, strict=True)
-    table = dict(zip(keys, map(node_for.__getitem__, shapes), strict=True))
+    nodes, owners = _shape_nodes(codes, tenants)
+    table = dict(zip(keys, map(getitem, map(nodes.__getitem__, codes), tenants), strict=True))
     if len(table) != count:
         # Some keys are configured more than once (``contoso.com`` and ``*.contoso.com``,
-        # duplicates): replay their entries, in order, through the builder's slot rules.
-        register()
+        # duplicates): replay their entries, in order, through the builder's slot rules, with
+        # the owners and nodes made above so that sharing is the same.
+        builder = _Builder({}, {}, suffixes, limit)
+        for (domain_type, kind), by_tenant in owners.items():
+            type_id, kind_id = id(domain_type), id(kind)
+            for tenant, owner in by_tenant.items():
+                builder.owners[tenant, type_id, kind_id] = owner
+        for by_tenant_nodes in nodes:
+            for node in by_tenant_nodes.values():
+                builder.nodes[id(node[0]), id(node[1])] = node
         repeated = {key for key, uses in Counter(keys).items() if uses > 1}
         scratch: _Table = {}
         builder.table = scratch
