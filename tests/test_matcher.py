@@ -525,6 +525,8 @@ def _corrupt_cases() -> list[tuple[str, bytes, str]]:
         ("owners", 999, "table sizes"),
         ("blob_bytes", [1, 2], "four byte counts"),
         ("tenants", ["", "x"], "non-empty strings"),
+        ("tenants", ["x", 5], "non-empty strings"),
+        ("tenants", "x", "non-empty strings"),
         ("max_domains_per_tenant", 0, "positive int"),
         ("format", "other", "not a matcher header"),
     ]:

@@ -76,8 +76,11 @@ configuration:
   ``-`` as ``.``) and per line with C-level ``map`` (a dot, the length, a final letter); only
   the names failing them (IDN, ``xn--``, long or invalid ones) go through the uncached
   normaliser, which gives `normalize_domain`'s answer without churning its cache;
-* owners and nodes are interned once per distinct (tenant, type, wildcard, subdomains) shape,
-  keyed by the enum members' ids, and the table is ``dict(zip(keys, map(...)))``;
+* each entry gets a small *shape code* (its type, and exact, exact with subdomains or
+  wildcard) from one dict probe; per shape code in use (a handful, however many tenants), the
+  tenants using it get their owners and nodes in C-level loops, every tenant keeping one
+  tenant string (the first configured: a large configuration often repeats equal strings),
+  and the table is ``dict(zip(keys, map(...)))``;
 * the public-suffix pre-filter of `_public_check` runs once for all keys (set intersections
   with the rules, plus the set of distinct parents against the ``*.`` rules);
 * keys configured more than once (``contoso.com`` next to ``*.contoso.com``) are replayed
@@ -1346,7 +1349,9 @@ class DomainMatcher:
         if limit is not None and (limit.__class__ is not int or limit < 1):
             raise InvalidSnapshot(f"max_domains_per_tenant {shown(limit)} is not a positive int")
         tenants = header["tenants"]
-        if not isinstance(tenants, list) or not all(t.__class__ is str and t for t in tenants):
+        if not isinstance(tenants, list) or (
+            tenants and (set(map(type, tenants)) != {str} or "" in tenants)
+        ):
             raise InvalidSnapshot("tenants must be a list of non-empty strings")
         offsets = [start]
         for size in sizes:
