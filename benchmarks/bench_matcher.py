@@ -17,6 +17,10 @@ are checked against ours before timing.
 before a change, copied out of git) and measures it in the same process on the same entries and
 queries: its compile, snapshot load, lookups and memory appear as "before" rows, side by side.
 
+The "floor" row is what any layout built on a ``dict`` of name strings pays at least, measured in
+the same run: splitting a blob of the keys and building ``dict(zip(names, values))``, and the
+bytes of those strings plus the dict.
+
 Memory is reported two ways: "deep" is the sum of ``sys.getsizeof`` over every object reachable
 from the lookup structure (an estimate, used for all contenders); "traced" is what
 ``tracemalloc`` sees allocated and still alive after ``DomainMatcher.load`` (exact allocator
@@ -36,6 +40,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from itertools import repeat
 from types import ModuleType
 from typing import Any
 
@@ -229,6 +234,26 @@ def deep_size(root: object) -> int:
     return total
 
 
+def dict_floor(keys: list[str], repeats: int = 3) -> tuple[float, int]:
+    """What any dict-of-names layout pays at least, on this machine, in this run: the median
+    seconds to split a blob of the keys and build ``dict(zip(names, values))`` (values one
+    shared object), and the bytes of those name strings plus the dict itself."""
+    blob = "\n".join(keys).encode("ascii")
+    value = (None, None)
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        start = time.perf_counter()
+        names = blob.decode("ascii").split("\n")
+        table = dict(zip(names, repeat(value)))
+        times.append(time.perf_counter() - start)
+        gc.enable()
+        size = sys.getsizeof(table) + sum(map(sys.getsizeof, names))
+        del names, table
+    return statistics.median(times), size
+
+
 def rate(fn: Callable[[str], object], items: list[str], repeats: int) -> float:
     """Median lookups/s over *repeats* passes."""
     return rates({"": (fn, items)}, repeats)[""]
@@ -327,6 +352,7 @@ def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None
             old_load_s, loaded = timed_load(before.DomainMatcher, old_path)
             del loaded
             old_traced = traced_bytes(before.DomainMatcher, old_path)
+    floor_s, floor_bytes = dict_floor(list(matcher._table))
     rows = canonical(entries)
     keys: list[str] = []
     valid = []
@@ -405,6 +431,7 @@ def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None
         print(f"| before | {old_compile_s:.3f} s | {old_load_s:.3f} s "
               f"| {old_snapshot_bytes / n:.1f} | {sizes['before'] / n:.1f} "
               f"| {old_traced / n:.1f} |")
+    print(f"| floor: a dict of the keys | | {floor_s:.3f} s | | {floor_bytes / n:.1f} | |")
     print()
     print("memory, bytes per domain (deep size of the lookup structure): " + ", ".join(
         f"{name} {value / n:.1f}" for name, value in sizes.items()
