@@ -3,10 +3,14 @@ this directory, which Python puts first on ``sys.path``)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+
+from domainpolicy import _names
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
@@ -28,3 +32,22 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
         except OSError:
             time.sleep(0.05)
     return process, f"redis://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def old_path() -> Iterator[None]:
+    """Switch the IDN shortcuts off: every mapping and U-label goes through idna, as before."""
+    saved = (_names._plain_mapping, _names._plain_alabel)
+
+    def no_mapping(text: str) -> str | None:
+        return None
+
+    def no_alabel(label: str) -> str | None:
+        return None
+
+    _names._plain_mapping = no_mapping
+    _names._plain_alabel = no_alabel
+    try:
+        yield
+    finally:
+        _names._plain_mapping, _names._plain_alabel = saved
