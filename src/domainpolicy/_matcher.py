@@ -522,7 +522,6 @@ _GET_TYPE: Final = attrgetter("domain_type")
 _GET_SUBS: Final = attrgetter("match_subdomains")
 _LAST_CHAR: Final = slice(-1, None)
 _LETTERS: Final = frozenset("abcdefghijklmnopqrstuvwxyz")
-_HIGH_BYTES: Final = bytes(range(128, 256))
 _FOLD: Final = bytes.maketrans(b"-0123456789", b".0000000000")
 
 
@@ -604,19 +603,26 @@ def _batch_keys(domains: list[str], wild: list[bool]) -> list[str] | None:
     joined = "\n".join(domains)
     if joined.count("\n") != count - 1:
         return None  # a name holds a line feed: invalid, the builder reports it
+    numbers = range(count)
+    bad: set[int] = set()
+    if not joined.isascii():
+        # Non-ASCII names go to the normaliser below.  A placeholder stands in for them in the
+        # blob, which stays one byte per character: a single CJK name would make the blob two
+        # bytes per character, and every operation on it slower.
+        bad.update(compress(numbers, map(not_, map(str.isascii, domains))))
+        plain = domains.copy()
+        for number in bad:
+            plain[number] = "x.x"
+        joined = "\n".join(plain)
+        del plain
     blob = ("\n" + joined + "\n").lower().replace("\n*.", "\n").replace(".\n", "\n")
     del joined
     lines = blob[1:-1].split("\n")
     if len(lines) != count:  # pragma: no cover - cannot happen (lower() adds no line feed)
         return None
-    numbers = range(count)
-    bad: set[int] = set()
-    if not blob.isascii():
-        bad.update(compress(numbers, map(not_, map(str.isascii, domains))))
-    # Bytes other than letters, digits, '-', '.', '\n': UTF-8 bytes of non-ASCII names (found
-    # above) are expected; any ASCII one means some ASCII name needs a closer look.
-    encoded = blob.encode("utf-8", "surrogatepass")
-    if encoded.translate(None, _KEY_BYTES).translate(None, _HIGH_BYTES):
+    # Bytes other than letters, digits, '-', '.', '\n': some name needs a closer look.
+    encoded = blob.encode("ascii")
+    if encoded.translate(None, _KEY_BYTES):
         bad.update(compress(numbers, map(str.strip, lines, repeat(_LDH_DOT))))
     dotted = list(map(contains, lines, repeat(".")))
     if not all(dotted):
@@ -627,7 +633,7 @@ def _batch_keys(domains: list[str], wild: list[bool]) -> list[str] | None:
     # One translation serves the remaining checks: letters stay, digits become '0', '-' becomes
     # '.', so a name ending in a digit or '-' shows as '0\n' or '.\n' ('-' at the end of a
     # label, '..', '-.', '.-', '--' and a name starting with '.' or '-' all show as '..' or
-    # '\n.').  Bytes of non-ASCII names are left alone (those names are in *bad* already).
+    # '\n.').
     folded = encoded.translate(_FOLD)
     del encoded
     if b"0\n" in folded or b".\n" in folded:
