@@ -324,3 +324,67 @@ def test_idna_only_ever_sees_bounded_input(text: str) -> None:
             _normalize_uncached(text)
     for kind, size in seen:
         assert size <= (MAX_INPUT_CHARS if kind == "remap" else 63), (kind, size)
+
+
+# --------------------------------------------------------------------------- bounded caches
+
+
+def test_name_cache_stays_bounded_and_answers_stay_right() -> None:
+    """Past its bound the whole-name cache drops its oldest quarter and answers stay right."""
+    from domainpolicy import _names
+
+    _names.clear_cache()
+    try:
+        total = _names._CACHE_SIZE + _names._CACHE_SIZE // 2
+        for number in range(total):
+            assert normalize_domain(f"Host{number}.Example.") == f"host{number}.example"
+            assert len(_names._results) <= _names._CACHE_SIZE
+        assert "Host0.Example." not in _names._results  # among the oldest: evicted
+        assert f"Host{total - 1}.Example." in _names._results
+        assert normalize_domain("Host0.Example.") == "host0.example"  # recomputed
+    finally:
+        _names.clear_cache()
+
+
+def test_address_cache_stays_bounded() -> None:
+    """The whole-address cache is bounded the same way."""
+    from domainpolicy import _names, parse_address
+
+    _names.clear_cache()
+    try:
+        for number in range(_names._CACHE_SIZE + 100):
+            assert parse_address(f"<u{number}@example.com>").local_part == f"u{number}"
+            assert len(_names._addresses) <= _names._CACHE_SIZE
+    finally:
+        _names.clear_cache()
+
+
+def test_threads_filling_the_cache_past_its_bound_agree() -> None:
+    """Threads missing the cache at once all get the right answer, and the cache stays within
+    its bound plus one entry per thread."""
+    import threading
+
+    from domainpolicy import _names
+
+    _names.clear_cache()
+    threads = 4
+    per_thread = _names._CACHE_SIZE // 2
+    wrong: list[str] = []
+
+    def work(offset: int) -> None:
+        for number in range(offset, offset + per_thread):
+            if normalize_domain(f"T{number}.example") != f"t{number}.example":
+                wrong.append(f"T{number}.example")
+
+    workers = [
+        threading.Thread(target=work, args=(index * per_thread,)) for index in range(threads)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert wrong == []
+        assert len(_names._results) <= _names._CACHE_SIZE + threads
+    finally:
+        _names.clear_cache()

@@ -142,6 +142,7 @@ from ._names import (
     NormalizedDomain,
     _check_input,
     _is_plain_key,
+    _normalize_miss,
     _normalize_uncached,
     _results_get,
     normalize_domain,
@@ -969,17 +970,20 @@ class DomainMatcher:
         Never raises: invalid input is reported in the result.
         """
         # normalize_domain's bounded cache makes repeated names (the common case for an MTA)
-        # one C-level dict hit; probing that cache here saves the call.  A miss, a cached
-        # single-label name (which lookup refuses) or an unhashable value takes the full path.
+        # one C-level dict hit; probing that cache here saves the call.  A miss (or an
+        # unhashable value) goes straight to normalize_domain's miss path, which validates,
+        # normalises and remembers; a single-label name is refused as normalize_domain does.
         try:
             key = _cached_domain(domain)  # type: ignore[call-overload]
         except TypeError:
             key = None
-        if key is None or "." not in key:
+        if key is None:
             try:
-                key = normalize_domain(domain)  # type: ignore[arg-type]
+                key = _normalize_miss(domain)
             except InvalidDomain as exc:
                 return None, exc.reason
+        if "." not in key:
+            return None, "single_label"
         get = self._get
         node = get(key)
         if node is not None and node[0] is not None:

@@ -50,7 +50,7 @@ import re
 import string
 import threading
 import unicodedata
-from typing import Final, NewType
+from typing import Final, NewType, TypeVar
 
 import attrs
 import idna
@@ -433,6 +433,8 @@ def _ascii_path(text: str) -> str:
     mapped = text.lower()
     if _is_plain_key(mapped):
         return mapped
+    if mapped[-1:] == "." and _is_plain_key(mapped[:-1]):
+        return mapped[:-1]  # what _finish returns: it removes one trailing dot, then checks
     if mapped.strip(_LDH_DOT):
         # Same answer as UTS #46 with STD3 rules: the first disallowed character, by position.
         for position, char in enumerate(text):
@@ -494,22 +496,38 @@ def _normalize_uncached(text: str) -> str:
     return _unicode_path(text.replace("\u3002", ".").replace("\uff0e", ".").replace("\uff61", "."))
 
 
+_V = TypeVar("_V")
 _results: dict[str, NormalizedDomain] = {}
 _results_get = _results.get
 _results_lock = threading.Lock()
 
 
+def _remember(cache: dict[str, _V], lock: threading.Lock, key: str, value: _V) -> None:
+    """Put *key* in a bounded cache, first evicting its oldest quarter if it is full.
+
+    Dicts keep insertion order, so eviction is FIFO, O(1) amortised, and the hit path stays a
+    single dict lookup.  Only eviction takes *lock* (one evicting thread at a time; taking it
+    on every miss cost more than the insertion): a single ``dict`` store is atomic, and a
+    store that races an eviction can at worst leave the cache a few entries over its bound
+    until the next one.
+    """
+    if len(cache) >= _CACHE_SIZE:
+        with lock:
+            if len(cache) >= _CACHE_SIZE:
+                try:
+                    oldest = list(itertools.islice(cache, _CACHE_SIZE // 4))
+                except RuntimeError:  # pragma: no cover - changed meanwhile (no-GIL builds)
+                    oldest = []
+                for old in oldest:
+                    cache.pop(old, None)
+    cache[key] = value
+
+
 def _normalize_miss(text: object) -> NormalizedDomain:
     """Validate, normalise and remember *text* (the path taken when the cache misses)."""
     checked = _check_input(text, InvalidDomain)
-    result = NormalizedDomain(_normalize_uncached(checked))
-    with _results_lock:
-        if len(_results) >= _CACHE_SIZE:
-            # Evict the oldest quarter: dicts keep insertion order, so this is FIFO, O(1)
-            # amortised, and keeps the hit path a single dict lookup.
-            for key in list(itertools.islice(_results, _CACHE_SIZE // 4)):
-                del _results[key]
-        _results[checked] = result
+    result: NormalizedDomain = _normalize_uncached(checked)  # type: ignore[assignment]
+    _remember(_results, _results_lock, checked, result)
     return result
 
 
@@ -809,11 +827,7 @@ def parse_address(text: str, *, allow_null: bool = True) -> Address:
 
 
 def _remember_address(text: str, address: Address) -> None:
-    with _addresses_lock:
-        if len(_addresses) >= _CACHE_SIZE:
-            for key in list(itertools.islice(_addresses, _CACHE_SIZE // 4)):
-                del _addresses[key]
-        _addresses[text] = address
+    _remember(_addresses, _addresses_lock, text, address)
 
 
 def _parse_address(text: str, *, allow_null: bool = True) -> Address:
