@@ -644,6 +644,8 @@ _ODD_ENTRIES = [
     A("a.b9", "t1"),
     A("a.example.net..", "t1"),
     A("9.example.net", "t1"),
+    A("one.example.net", "t1", match_subdomains=1),  # type: ignore[arg-type]
+    A("two.example.net", "t1", "authoritative"),  # type: ignore[arg-type]
 ]
 
 

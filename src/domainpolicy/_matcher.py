@@ -527,14 +527,14 @@ _FOLD: Final = bytes.maketrans(b"-0123456789", b".0000000000")
 
 
 _SHAPE_OF: Final = {
-    (id(domain_type), wildcard, subs): (number * 3 + (2 if wildcard else subs))
+    (id(domain_type), wildcard, id(subs)): (number * 3 + (2 if wildcard else subs))
     for number, domain_type in enumerate(DomainType)
     for wildcard, subs in ((False, False), (False, True), (True, False))
 }
-"""(id(domain type), wildcard, match_subdomains) -> shape code: 3 * type number + 0 (exact
-only), 1 (exact and subdomains) or 2 (wildcard).  A wildcard with match_subdomains has none."""
-_TYPE_IDS: Final = frozenset(map(id, DomainType))
-_BOOL_IDS: Final = frozenset((id(True), id(False)))
+"""(id(domain type), wildcard, id(match_subdomains)) -> shape code: 3 * type number + 0 (exact
+only), 1 (exact and subdomains) or 2 (wildcard).  Keyed by ids, so a value that is not a
+`DomainType` or not a bool (``1`` equals ``True``) is missing, as is a wildcard with
+match_subdomains."""
 
 
 def _shape_nodes(
@@ -738,22 +738,15 @@ def _compile_batch(
     entries = items
     domains: list[str] = list(map(_GET_DOMAIN, entries))
     tenants: list[str] = list(map(_GET_TENANT, entries))
-    type_ids: list[int] = list(map(id, map(_GET_TYPE, entries)))
-    subs: list[bool] = list(map(_GET_SUBS, entries))
-    if (
-        set(map(type, domains)) != {str}
-        or set(map(type, tenants)) != {str}
-        or "" in tenants
-        or not _TYPE_IDS.issuperset(type_ids)
-        or not _BOOL_IDS.issuperset(map(id, subs))
-    ):
+    if set(map(type, domains)) != {str} or set(map(type, tenants)) != {str} or "" in tenants:
         return None
     wild = list(map(str.startswith, domains, repeat("*.")))
+    type_ids = map(id, map(_GET_TYPE, entries))
+    subs_ids = map(id, map(_GET_SUBS, entries))
     try:
-        codes = list(map(_SHAPE_OF.__getitem__, zip(type_ids, wild, subs, strict=True)))
+        codes = list(map(_SHAPE_OF.__getitem__, zip(type_ids, wild, subs_ids, strict=True)))
     except KeyError:
-        return None  # a wildcard with match_subdomains: the builder says why
-    del type_ids, subs
+        return None  # not a DomainType, not a bool, or a wildcard with subdomains
     keys = _batch_keys(domains, wild)
     if keys is None:
         return None
@@ -1087,8 +1080,10 @@ class DomainMatcher:
             for key, (apex, below) in self._table.items():
                 if apex is not None:
                     building.setdefault(apex.tenant, []).append(key)
-                if below is not None and below.kind is _WILDCARD and (
-                    apex is None or below.tenant != apex.tenant
+                if (
+                    below is not None
+                    and below.kind is _WILDCARD
+                    and (apex is None or below.tenant != apex.tenant)
                 ):
                     building.setdefault(below.tenant, []).append(key)
             # Benign race: two threads may build equal indexes; the assignment is atomic.
@@ -1105,7 +1100,9 @@ class DomainMatcher:
         keys = self._tenant_index().get(tenant, ()) if isinstance(tenant, str) else ()
         table = self._table
         return tuple(
-            entry for key in keys for entry in _node_entries(key, table[key])
+            entry
+            for key in keys
+            for entry in _node_entries(key, table[key])
             if entry.tenant == tenant
         )
 
@@ -1439,9 +1436,7 @@ _SET_TYPE: Final = Owner.__dict__["domain_type"].__set__
 _SET_KIND: Final = Owner.__dict__["kind"].__set__
 
 
-def _new_owners(
-    tenants: list[str], types: list[DomainType], kinds: list[MatchKind]
-) -> list[Owner]:
+def _new_owners(tenants: list[str], types: list[DomainType], kinds: list[MatchKind]) -> list[Owner]:
     """Owners for parallel lists of fields, built with C-level loops (the slot descriptors of
     the frozen class, as `_new_owner`; values are trusted here)."""
     owners = list(map(object.__new__, repeat(Owner, len(tenants))))
