@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/bench_matcher.py                      # N = 1k, 100k, 1M
     python benchmarks/bench_matcher.py --sizes 1000,100000  # choose N
-    python benchmarks/bench_matcher.py --10m                # also N = 10M (needs ~15 GB)
+    python benchmarks/bench_matcher.py --10m                # also N = 10M (~12 GB, ~15 minutes)
 
 Columns: lookups/s (median of repeats) on the same raw query mix for our `DomainMatcher.lookup`
 ("ours raw": validates and normalises), the flat label walk and the nested-dict trie baselines
