@@ -12,7 +12,8 @@ There are two paths, and both end in the same label checker (``_finish``) so the
   mapping does to ASCII letters, and every ASCII character other than letters, digits, ``-`` and
   ``.`` is disallowed under the STD3 rules.  ``idna`` is only consulted for labels that start with
   ``xn--`` (to validate the A-label).  A further shortcut accepts the common case (short LDH names
-  with a letter at the end and no ``--``) after a handful of C-level string operations.
+  with a letter at the end and no ``--``, with or without one trailing dot) after a handful of
+  C-level string operations.
 * the **Unicode path** (``_unicode_path``): UTS #46 nontransitional mapping with STD3 rules
   (``idna.uts46_remap``), then IDNA 2008 validation and Punycode per label (``idna.alabel``),
   each per-label result cached.
@@ -26,11 +27,10 @@ at positions 3-4, passes every check of ``idna.check_label`` (the Bidi Rule is n
 its A-label is ``xn--`` + Punycode, whose extended part depends only on the label with its ASCII
 characters replaced by NUL and is memoised per such pattern (a miss runs RFC 3492 section 6.3
 written out, a few times faster than the standard library's codec and compared with it by a
-property test).  Anything else, and any A-label
-over 63 octets, goes to idna as above, so every error comes from there unchanged.  The facts
-about characters are kept in sets of at most ``_MAX_KNOWN_CHARS`` each, the patterns in a dict
-cleared at ``_MAX_PATTERNS`` entries; plain ``set``/``dict`` operations, atomic under the GIL,
-so a race can only repeat some work.
+property test).  Anything else, and any A-label over 63 octets, goes to idna as above, so every
+error comes from there unchanged.  The facts about characters are kept in sets of at most
+``_MAX_KNOWN_CHARS`` each, the patterns in a dict cleared at ``_MAX_PATTERNS`` entries; plain
+``set``/``dict`` operations, atomic under the GIL, so a race can only repeat some work.
 
 Linear time: input longer than ``MAX_INPUT_CHARS`` is refused before any work, no label longer
 than 63 octets (59 code points for a U-label, whose A-label is at least four octets longer) is
