@@ -143,9 +143,9 @@ from ._names import (
     _LDH_DOT,
     NormalizedDomain,
     _check_input,
-    _is_plain_key,
     _normalize_miss,
     _normalize_uncached,
+    _plain_key,
     _results_get,
     normalize_domain,
     parse_address,
@@ -264,14 +264,11 @@ _WILDCARD = MatchKind.WILDCARD
 def _quick_key(text: str) -> str | None:
     """The normalised form of pure-ASCII *text* when it is plainly a valid name, else None.
 
-    The test is ``_names._is_plain_key``, the shortcut ``normalize_domain``'s ASCII path takes,
-    applied after removing one trailing dot, so the answer is exactly `normalize_domain`'s;
-    anything else (IDN, ``xn--``, long names, errors) goes to `normalize_domain`.
+    The test is ``_names._plain_key``, the shortcut ``normalize_domain``'s ASCII path takes, so
+    the answer is exactly `normalize_domain`'s; anything else (IDN, ``xn--``, long names,
+    errors) goes to `normalize_domain`.
     """
-    key = text.lower()
-    if key[-1:] == ".":
-        key = key[:-1]
-    return key if _is_plain_key(key) else None
+    return _plain_key(text.lower())
 
 
 def _public_check(suffixes: PublicSuffixes) -> Callable[[str], bool]:

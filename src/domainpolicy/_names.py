@@ -405,17 +405,19 @@ def _finish(text: str, mapped: str, aligned: bool) -> str:
 # --------------------------------------------------------------------------- the two paths
 
 
-def _is_plain_key(mapped: str) -> bool:
-    """True when lower-case ASCII *mapped* (one trailing dot already removed, or none) is
-    plainly a valid name that normalises to itself: the common case, decided with a few C-level
-    string operations.
+def _plain_key(mapped: str) -> str | None:
+    """Lower-case ASCII *mapped* with one trailing dot removed, when that is plainly a valid
+    name that normalises to itself (the common case, decided with a few C-level string
+    operations); else None.
 
-    Every condition implies `_finish` returns *mapped* unchanged: LDH characters only, no empty
-    labels, no label starting or ending with '-', no '--' anywhere (so no xn-- and no reserved
-    hyphens), total <= 63 octets (so each label is too), at least two labels, and a letter last
-    (so the TLD is not all digits).
+    Every condition implies `_finish` returns the name unchanged (it removes one trailing dot,
+    then checks): LDH characters only, no empty labels, no label starting or ending with '-',
+    no '--' anywhere (so no xn-- and no reserved hyphens), total <= 63 octets (so each label is
+    too), at least two labels, and a letter last (so the TLD is not all digits).
     """
-    return (
+    if mapped[-1:] == ".":
+        mapped = mapped[:-1]
+    plain = (
         len(mapped) <= _MAX_LABEL_OCTETS
         and not mapped.strip(_LDH_DOT)
         and "." in mapped
@@ -426,15 +428,15 @@ def _is_plain_key(mapped: str) -> bool:
         and ".-" not in mapped
         and "--" not in mapped
     )
+    return mapped if plain else None
 
 
 def _ascii_path(text: str) -> str:
     """Normalise pure-ASCII *text* without calling idna (except to validate ``xn--`` labels)."""
     mapped = text.lower()
-    if _is_plain_key(mapped):
-        return mapped
-    if mapped[-1:] == "." and _is_plain_key(mapped[:-1]):
-        return mapped[:-1]  # what _finish returns: it removes one trailing dot, then checks
+    key = _plain_key(mapped)
+    if key is not None:
+        return key
     if mapped.strip(_LDH_DOT):
         # Same answer as UTS #46 with STD3 rules: the first disallowed character, by position.
         for position, char in enumerate(text):
