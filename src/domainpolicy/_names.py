@@ -50,6 +50,7 @@ import re
 import string
 import threading
 import unicodedata
+from collections.abc import Callable
 from typing import Final, NewType, TypeVar
 
 import attrs
@@ -167,15 +168,24 @@ _extended_parts: dict[bytes, bytes] = {}
 """Punycode extended parts by pattern (UTF-8 of the label, its ASCII characters made NUL)."""
 
 
+def _all_pass(chars: set[str], known: set[str], test: Callable[[str], bool]) -> bool:
+    """True when each of *chars* is in *known* or passes *test*; those that pass are added to
+    *known* while it holds fewer than ``_MAX_KNOWN_CHARS`` (beyond that they are tested again
+    each time: the answer stays exact, the memory bounded)."""
+    for char in chars - known:
+        if not test(char):
+            return False
+        if len(known) < _MAX_KNOWN_CHARS:
+            known.add(char)
+    return True
+
+
 def _maps_to_itself(char: str) -> bool:
-    """True when UTS #46 (STD3 rules, nontransitional) maps *char* to itself; remembered."""
+    """True when UTS #46 (STD3 rules, nontransitional) maps *char* to itself."""
     try:
-        same = idna.uts46_remap(char, std3_rules=True, transitional=False) == char
+        return idna.uts46_remap(char, std3_rules=True, transitional=False) == char
     except (idna.IDNAError, UnicodeError, ValueError, IndexError):
         return False
-    if same and len(_identity_chars) < _MAX_KNOWN_CHARS:
-        _identity_chars.add(char)
-    return same
 
 
 def _plain_mapping(text: str) -> str | None:
@@ -196,23 +206,19 @@ def _plain_mapping(text: str) -> str | None:
         if not chars.isdisjoint(_ASCII_UPPER):
             text = text.translate(_FOLD_ASCII)
             chars = set(text)
-        for char in chars - _identity_chars:
-            if not _maps_to_itself(char):
-                return None
+        if not _all_pass(chars, _identity_chars, _maps_to_itself):
+            return None
     return text if unicodedata.is_normalized("NFC", text) else None
 
 
 def _is_simple(char: str) -> bool:
     """True when *char* alone can never make ``idna.check_label`` fail or apply the Bidi Rule:
     PVALID, not a mark (so never a leading combiner) and not RTL, AN or of unknown direction."""
-    simple = (
+    return (
         idna.intranges_contain(ord(char), _PVALID)
         and unicodedata.category(char)[0] != "M"
         and unicodedata.bidirectional(char) not in _RTL_OR_UNKNOWN
     )
-    if simple and len(_simple_chars) < _MAX_KNOWN_CHARS:
-        _simple_chars.add(char)
-    return simple
 
 
 def _punycode_extended(label: str) -> bytes:
@@ -296,10 +302,8 @@ def _plain_alabel(label: str) -> str | None:
     if len(label) > _MAX_ULABEL_CHARS or label.isascii():
         return None
     chars = set(label)
-    if not chars <= _simple_chars:
-        for char in chars - _simple_chars:
-            if not _is_simple(char):
-                return None
+    if not chars <= _simple_chars and not _all_pass(chars, _simple_chars, _is_simple):
+        return None
     if (
         label[0] == "-"
         or label[-1] == "-"
