@@ -21,6 +21,7 @@ from domainpolicy import (
 )
 from domainpolicy._stores import ObserveItem
 from redis_support import redis_url
+from threads import run_in_threads
 
 StoreUrl = Callable[[Path], str]
 
@@ -69,14 +70,9 @@ def worker(
                 else:
                     refused += 1
 
-    pool = [threading.Thread(target=run) for _ in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join()
+    run_in_threads(*[run] * threads)
     store.close()
     results.put((accepted, refused))
-
 
 
 def open_deterministic(url: str) -> StateStore:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+from functools import partial
 
 import idna
 import pytest
@@ -19,6 +20,7 @@ from domainpolicy import (
 )
 from domainpolicy._names import _ascii_path, _normalize_uncached, _unicode_path
 from domainpolicy.testing import domains, hostile_text
+from threads import run_in_threads
 
 VALID = [
     ("example.com", "example.com"),
@@ -362,7 +364,6 @@ def test_address_cache_stays_bounded() -> None:
 def test_threads_filling_the_cache_past_its_bound_agree() -> None:
     """Threads missing the cache at once all get the right answer, and the cache stays within
     its bound plus one entry per thread."""
-    import threading
 
     from domainpolicy import _names
 
@@ -376,14 +377,8 @@ def test_threads_filling_the_cache_past_its_bound_agree() -> None:
             if normalize_domain(f"T{number}.example") != f"t{number}.example":
                 wrong.append(f"T{number}.example")
 
-    workers = [
-        threading.Thread(target=work, args=(index * per_thread,)) for index in range(threads)
-    ]
     try:
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        run_in_threads(*(partial(work, index * per_thread) for index in range(threads)))
         assert wrong == []
         assert len(_names._results) <= _names._CACHE_SIZE + threads
     finally:

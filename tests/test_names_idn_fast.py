@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import string
-import threading
 from collections.abc import Iterator
 
 import idna
@@ -23,6 +22,7 @@ from domainpolicy._names import (
     clear_cache,
 )
 from domainpolicy.testing import domains, hostile_text, idn_labels
+from threads import run_in_threads
 
 # Real U-labels (several from RFC 3492 section 7.1, lower-cased) and their A-labels.
 PLAIN_LABELS = [
@@ -332,9 +332,5 @@ def test_threads_racing_on_cold_caches_agree_with_one_thread() -> None:
             got.append(_normalize_uncached(name))
         results.append(got)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(*[work] * 4)
     assert results == [expected] * 4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from domainpolicy import (
     is_public_suffix,
     registrable_domain,
 )
+from threads import run_in_threads
 
 
 @pytest.mark.parametrize(
@@ -91,12 +91,6 @@ def test_unreadable_or_empty_list_is_a_configuration_error(
 def test_default_list_is_built_once_across_threads() -> None:
     """Concurrent first use builds the shared list exactly once."""
     results: list[PublicSuffixes] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(default_public_suffixes())) for _ in range(8)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(*[lambda: results.append(default_public_suffixes())] * 8)
     assert len({id(r) for r in results}) == 1
     assert default_public_suffixes().public_suffix("a.example.co.uk") == "co.uk"

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -34,6 +35,7 @@ from domainpolicy._blockstate import Effects, InvalidEvent
 from domainpolicy._redis_store import RedisStore, _Wire
 from redis_support import RedisServer, redis_url, session_server
 from store_support import BATCH_POLICY
+from threads import run_in_threads
 
 pytestmark = pytest.mark.redis
 
@@ -534,11 +536,7 @@ def test_batches_of_two_mtas_count_exactly(url: str) -> None:
                         assert result[1].decision is not None
                         accepted.append(result[1].decision.accepted)
 
-        threads = [threading.Thread(target=run, args=(s,)) for s in (one, two) * 3]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_in_threads(*(partial(run, store) for store in (one, two) * 3))
         assert one.load("t").window.unregistered == 6 * 8 * 7
         assert accepted.count(True) == POLICIES[0].message_limit
         assert [r.after for r in one.history("t")][:1] == ["blocked"]

@@ -36,6 +36,7 @@ from store_support import (
     result_summary,
     worker,
 )
+from threads import run_in_threads
 
 KINDS = sorted(STORE_KINDS)
 NOW = 1_800_000_000.0
@@ -182,11 +183,7 @@ def test_concurrent_threads_count_exactly(store: StateStore) -> None:
             with lock:
                 accepted.append(ok)
 
-    threads = [threading.Thread(target=run) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(*[run] * 8)
     state = store.load("t1")
     assert state.window.unregistered == 200
     assert accepted.count(True) == SMALL_POLICY.message_limit
@@ -384,11 +381,7 @@ def test_concurrent_batches_count_exactly(store: StateStore) -> None:
             with lock:
                 results.extend(flags)
 
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_in_threads(*[run] * 4)
     assert store.load("t1").window.unregistered == 200
     assert results.count(True) == SMALL_POLICY.message_limit
     assert [r.after for r in store.history("t1")] == ["blocked"]
