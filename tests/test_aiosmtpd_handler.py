@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,7 +36,11 @@ from domainpolicy import (
 from domainpolicy._blockstate import BlockMachine, Effects, State, TenantState
 from domainpolicy._config import load_config
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest
-from domainpolicy.integrations.aiosmtpd import PolicyHandler, peer_certificate_name
+from domainpolicy.integrations.aiosmtpd import (
+    PolicyHandler,
+    peer_certificate_name,
+    peer_certificate_names,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "examples" / "tenants.toml"
@@ -462,7 +466,10 @@ def test_sasl_login_reaches_the_request() -> None:
 
 
 def _write_pki(directory: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate for mail.contoso.com."""
+    """A CA, a server certificate for 127.0.0.1, a client certificate for mail.contoso.com, and
+    client certificates with several names: ``client-multi`` (``mx1.fabrikam.net``, the IP
+    address 127.0.0.1, then ``mail.contoso.com``) and ``client-ambiguous``
+    (``mail.contoso.com`` and ``mx.fabrikam.com``)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -506,7 +513,12 @@ def _write_pki(directory: Path) -> dict[str, Path]:
     paths = {"ca": directory / "ca.pem"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
-    def leaf(label: str, common: str, san: x509.GeneralName, usage: x509.ObjectIdentifier) -> None:
+    def leaf(
+        label: str,
+        common: str,
+        san: x509.GeneralName | list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+    ) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -516,7 +528,10 @@ def _write_pki(directory: Path) -> dict[str, Path]:
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(san if isinstance(san, list) else [san]),
+                critical=False,
+            )
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -542,6 +557,22 @@ def _write_pki(directory: Path) -> dict[str, Path]:
         "client",
         "mail.contoso.com",
         x509.DNSName("mail.contoso.com"),
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    leaf(
+        "client-multi",
+        "mx1.fabrikam.net",
+        [
+            x509.DNSName("mx1.fabrikam.net"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("mail.contoso.com"),
+        ],
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    )
+    leaf(
+        "client-ambiguous",
+        "mail.contoso.com",
+        [x509.DNSName("mail.contoso.com"), x509.DNSName("mx.fabrikam.com")],
         ExtendedKeyUsageOID.CLIENT_AUTH,
     )
     return paths
@@ -579,6 +610,152 @@ def test_tls_client_certificate_attributes_the_tenant(tmp_path: Path) -> None:
     assert (first.tenant, first.reason) == ("contoso", "unregistered_allowed")
     assert without_cert.tls_cert_name is None
     assert second.reason == "no_tenant"
+
+
+def _tls_server_context(pki: dict[str, Path]) -> ssl.SSLContext:
+    """The server's context: its certificate, and client certificates verified if presented."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki["server"])
+    context.load_verify_locations(pki["ca"])
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def test_every_certificate_name_attributes_the_client(tmp_path: Path) -> None:
+    """A certificate whose second SAN name is contoso's attributes to contoso; one with names
+    of two tenants is ambiguous and the client address decides; the request carries them all."""
+    pki = _write_pki(tmp_path)
+    matcher = DomainMatcher.compile(
+        [
+            AcceptedDomain("contoso.com", "contoso"),
+            AcceptedDomain("fabrikam.com", "fabrikam"),
+            AcceptedDomain("northwind.example", "northwind"),
+        ]
+    )
+    connectors = ConnectorTable.compile(
+        [
+            InboundConnector("contoso-cert", "contoso", tls_cert_names=["mail.contoso.com"]),
+            InboundConnector("fabrikam-cert", "fabrikam", tls_cert_names=["mx.fabrikam.com"]),
+            InboundConnector("northwind-onprem", "northwind", sender_ip_ranges=["127.0.0.0/8"]),
+        ],
+        matcher,
+    )
+    policy = RelayPolicy(matcher, connectors, BlockPolicy(), MemoryStore(), clock=ManualClock())
+    seen = Recorder()
+    handler = PolicyHandler(policy, on_decision=seen.on_decision)
+    with serving(handler, tls_context=_tls_server_context(pki)) as port:
+        for certificate in ("client-multi", "client-ambiguous", None):
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
+            if certificate is not None:
+                context.load_cert_chain(pki[certificate])
+            with client(port) as smtp:
+                smtp.starttls(context=context)
+                smtp.ehlo("client.example")
+                assert smtp.mail("someone@forwarded.example") == (250, b"2.1.0 Sender OK")
+                smtp.rset()
+    requests = [
+        (request.tls_cert_name, request.tls_cert_names, decision.tenant)
+        for request, decision in seen.decisions
+    ]
+    assert requests == [
+        ("mx1.fabrikam.net", ("mx1.fabrikam.net", "mail.contoso.com"), "contoso"),
+        ("mail.contoso.com", ("mail.contoso.com", "mx.fabrikam.com"), "northwind"),
+        (None, (), "northwind"),
+    ]
+
+
+@pytest.mark.parametrize("where", ["starttls", "transport"])
+def test_build_request_passes_every_certificate_name(where: str) -> None:
+    """build_request carries all the names, from STARTTLS session data or an implicit-TLS
+    transport, and the first of them as tls_cert_name."""
+    peercert = {
+        "subject": ((("commonName", "cn.example.com"),),),
+        "subjectAltName": (("DNS", "mx1.fabrikam.net"), ("DNS", "mail.contoso.com")),
+    }
+    extra = {"peercert": peercert}
+    session = SimpleNamespace(peer=("192.0.2.1", 2525), ssl=extra if where == "starttls" else None)
+    server = SimpleNamespace(transport=SimpleNamespace(get_extra_info=extra.get))
+    request = PolicyHandler(fabrikam_policy()).build_request(server, session, "a@fabrikam.com", ())
+    assert request.tls_cert_names == ("mx1.fabrikam.net", "mail.contoso.com")
+    assert request.tls_cert_name == "mx1.fabrikam.net"
+    assert request.client_ip == "192.0.2.1"
+
+
+_CN = ((("commonName", "cn.example.com"),),)
+
+
+@pytest.mark.parametrize(
+    ("peercert", "names"),
+    [
+        # every SAN DNS name, in certificate order; the CN is not added
+        (
+            {
+                "subject": _CN,
+                "subjectAltName": (("DNS", "mx1.fabrikam.net"), ("DNS", "mail.contoso.com")),
+            },
+            ("mx1.fabrikam.net", "mail.contoso.com"),
+        ),
+        (
+            {"subjectAltName": (("DNS", "b.example"), ("DNS", "a.example"))},
+            ("b.example", "a.example"),
+        ),
+        # IP (and other kinds of) SANs are not names
+        (
+            {
+                "subject": _CN,
+                "subjectAltName": (
+                    ("IP Address", "192.0.2.1"),
+                    ("DNS", "mail.example.com"),
+                    ("email", "postmaster@example.com"),
+                    ("URI", "https://example.com/"),
+                    ("IP Address", "2001:DB8:0:0:0:0:0:1\n"),
+                    ("DNS", "b.example.com"),
+                ),
+            },
+            ("mail.example.com", "b.example.com"),
+        ),
+        # the CN only without any SAN DNS name (RFC 6125 6.4.4)
+        ({"subject": _CN}, ("cn.example.com",)),
+        ({"subject": _CN, "subjectAltName": ()}, ("cn.example.com",)),
+        ({"subject": _CN, "subjectAltName": (("IP Address", "192.0.2.1"),)}, ("cn.example.com",)),
+        (
+            {
+                "subject": (
+                    (("organizationName", "Contoso"),),
+                    (("commonName", "first.example"),),
+                    (("commonName", "second.example"),),
+                )
+            },
+            ("first.example",),
+        ),
+        # nothing verified, nothing to go by
+        ({}, ()),
+        (None, ()),
+        ({"subject": ((("organizationName", "Contoso"),),)}, ()),
+        # malformed entries are skipped
+        (
+            {
+                "subject": _CN,
+                "subjectAltName": (
+                    ("DNS",),
+                    ("DNS", ""),
+                    ("DNS", 5),
+                    "DNS",
+                    ("DNS", "ok.example", 1),
+                ),
+            },
+            ("cn.example.com",),
+        ),
+        ({"subject": 5, "subjectAltName": 7}, ()),
+        ({"subject": (("commonName", "flat.example"),), "subjectAltName": None}, ()),
+        ({"subjectAltName": [["DNS", "list.example"]]}, ("list.example",)),
+    ],
+)
+def test_peer_certificate_names(peercert: Any, names: tuple[str, ...]) -> None:
+    """SAN DNS names in certificate order, else the CN alone; () for nothing verified; and
+    peer_certificate_name is the first of them."""
+    assert peer_certificate_names(peercert) == names
+    assert peer_certificate_name(peercert) == (names[0] if names else None)
 
 
 def test_peer_certificate_name_prefers_subject_alt_name() -> None:

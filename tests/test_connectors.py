@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import itertools
+from collections.abc import Iterator
 from ipaddress import ip_network
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from domainpolicy import (
     AcceptedDomain,
@@ -160,3 +165,126 @@ def test_sender_ranges_may_be_given_as_text() -> None:
     connector = C("x", "A", ["192.0.2.0/24", "2001:db8::/32"])
     assert connector.sender_ip_ranges == (ip_network("192.0.2.0/24"), ip_network("2001:db8::/32"))
     assert C("y", "A", "198.51.100.0/24").sender_ip_ranges == (ip_network("198.51.100.0/24"),)
+
+
+# --------------------------------------------------------------------------- several names
+
+OUTSIDE = "203.0.113.9"  # no connector covers it: only the certificate can attribute
+
+
+@pytest.mark.parametrize(
+    ("ip", "names", "tenant"),
+    [
+        # a later name matches when the first does not (the first is not special)
+        (OUTSIDE, ("mx1.unknown.example", "mx.fabrikam.com"), "F"),
+        (OUTSIDE, ["mx1.fabrikam.net", "mail.contoso.com"], "A"),
+        # several names of the same tenant agree, and still win over the address
+        ("192.0.2.129", ("mail.contoso.com", "a.b.contoso.com", "*.contoso.com"), "A"),
+        ("192.0.2.129", ("mx.fabrikam.com", "MX.Fabrikam.COM."), "F"),
+        # names of different tenants are ambiguous: the client address decides
+        ("192.0.2.129", ("mx.fabrikam.com", "mail.contoso.com"), "B"),
+        ("192.0.2.200", ("relay.sales.contoso.com", "mail.contoso.com"), "F"),
+        ("192.0.2.1", ("x.tailspin.org", "unknown.example", "mx.fabrikam.com"), "A"),
+        (OUTSIDE, ("mx.fabrikam.com", "mail.contoso.com"), None),
+        # invalid and unknown names among valid ones are ignored
+        (OUTSIDE, ("not a name", "", "bad..name", "-x.example", "x.tailspin.org"), "T"),
+        (OUTSIDE, ("contoso.com", "mail.contoso.com"), "A"),
+        # nothing that matches: the address decides
+        ("192.0.2.129", ("unknown.example", "evilcontoso.com"), "B"),
+        ("192.0.2.129", (), "B"),
+        ("192.0.2.129", [], "B"),
+        # any iterable of names
+        (OUTSIDE, iter(["nope.example", "mx.fabrikam.com"]), "F"),
+        (OUTSIDE, (n for n in ["mail.contoso.com", "x.contoso.com"]), "A"),
+        (OUTSIDE, frozenset({"mx.fabrikam.com"}), "F"),
+        (OUTSIDE, {"mx.fabrikam.com": "the keys are the names"}, "F"),
+    ],
+)
+def test_attribution_by_several_names(ip: str, names: Any, tenant: str | None) -> None:
+    """Each name is tried; one tenant wins, different tenants fall back to the address."""
+    assert TABLE.attribute(ip, names) == tenant
+
+
+@pytest.mark.parametrize(
+    ("names", "tenant"),
+    [
+        ((None, 5, b"mx.fabrikam.com", ["mail.contoso.com"], "mx.fabrikam.com"), "F"),
+        ((None, 5.5, object()), "B"),
+        (5, "B"),
+        (b"mx.fabrikam.com", "B"),
+        (bytearray(b"mail.contoso.com"), "B"),
+        (object(), "B"),
+    ],
+)
+def test_values_that_are_not_names_are_ignored(names: Any, tenant: str) -> None:
+    """Items that are not text, and values that are neither a name nor names, are ignored."""
+    assert TABLE.attribute("192.0.2.129", names) == tenant
+
+
+def test_the_number_of_names_considered_is_capped() -> None:
+    """Only the first MAX_CERT_NAMES names count: a match (or a conflict) after them is not read."""
+    cap = ConnectorTable.MAX_CERT_NAMES
+    assert cap == 100
+    filler = [f"mx{i}.unknown.example" for i in range(cap - 1)]
+    assert TABLE.attribute(OUTSIDE, [*filler, "mx.fabrikam.com"]) == "F"
+    assert TABLE.attribute(OUTSIDE, [*filler, "other.example", "mx.fabrikam.com"]) is None
+    assert TABLE.attribute("192.0.2.129", ["mx.fabrikam.com", *filler, "mail.contoso.com"]) == "F"
+
+
+def test_an_endless_iterable_of_names_is_read_only_up_to_the_cap() -> None:
+    """A generator is consumed for at most MAX_CERT_NAMES names, so the work stays bounded."""
+    read = 0
+
+    def names() -> Iterator[str]:
+        nonlocal read
+        for i in itertools.count():
+            read += 1
+            yield "mx.fabrikam.com" if i == 3 else f"mx{i}.unknown.example"
+
+    assert TABLE.attribute(OUTSIDE, names()) == "F"
+    assert read == ConnectorTable.MAX_CERT_NAMES
+
+
+def test_bad_client_ip_with_names_that_do_not_attribute() -> None:
+    """With ambiguous or unknown names the address decides, so a bad address still raises."""
+    with pytest.raises(InvalidAddress, match="bad_client_ip"):
+        TABLE.attribute("not-an-ip", ("mx.fabrikam.com", "mail.contoso.com"))
+    assert TABLE.attribute("not-an-ip", ("nope.example", "mx.fabrikam.com")) == "F"
+
+
+_NAME_POOL = [
+    "mx.fabrikam.com",
+    "MX.FABRIKAM.COM.",
+    "mail.contoso.com",
+    "deep.mail.contoso.com",
+    "*.contoso.com",
+    "contoso.com",
+    "relay.sales.contoso.com",
+    "x.tailspin.org",
+    "unknown.example",
+    "not a name",
+    "",
+]
+_IPS = ["192.0.2.1", "192.0.2.129", "192.0.2.200", "2001:db8:1::1", OUTSIDE]
+
+
+@given(
+    ip=st.sampled_from(_IPS),
+    names=st.lists(st.one_of(st.sampled_from(_NAME_POOL), st.text(max_size=30)), max_size=12),
+    seed=st.randoms(use_true_random=False),
+)
+def test_several_names_agree_with_one_name_at_a_time(ip: str, names: list[str], seed: Any) -> None:
+    """Attribution by several names is: the one tenant the names identify one at a time, else
+    (none or several) the address; independent of the order and of repeated names."""
+    tenants = {TABLE.attribute(OUTSIDE, name) for name in names} - {None}
+    expected = tenants.pop() if len(tenants) == 1 else TABLE.attribute(ip)
+    assert TABLE.attribute(ip, names) == expected
+    shuffled = list(names)
+    seed.shuffle(shuffled)
+    assert TABLE.attribute(ip, tuple(shuffled + names)) == expected
+
+
+@given(ip=st.sampled_from(_IPS), name=st.one_of(st.sampled_from(_NAME_POOL), st.text()))
+def test_one_name_or_a_tuple_of_it_is_the_same(ip: str, name: str) -> None:
+    """A single name and a one-name tuple attribute alike."""
+    assert TABLE.attribute(ip, name) == TABLE.attribute(ip, (name,)) == TABLE.attribute(ip, [name])

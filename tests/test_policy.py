@@ -321,11 +321,16 @@ def test_wrong_argument_types_are_configuration_errors() -> None:
     sender=st.one_of(hostile_text(max_size=300), addresses()),
     ip=st.one_of(st.none(), st.just(ONPREM), st.text(max_size=40)),
     cert=st.one_of(st.none(), st.text(max_size=40), st.just("mail.contoso.com")),
+    certs=st.lists(st.one_of(st.text(max_size=40), st.just("mail.contoso.com")), max_size=5),
 )
 @settings(max_examples=200)
-def test_evaluate_never_raises(sender: str, ip: str | None, cert: str | None) -> None:
+def test_evaluate_never_raises(
+    sender: str, ip: str | None, cert: str | None, certs: list[str]
+) -> None:
     """No request makes evaluate raise; every decision carries a valid reply."""
-    decision = make().evaluate(RelayRequest(sender, client_ip=ip, tls_cert_name=cert))
+    decision = make().evaluate(
+        RelayRequest(sender, client_ip=ip, tls_cert_name=cert, tls_cert_names=certs)
+    )
     assert decision.reply.code in (250, 451, 501, 550)
 
 
@@ -432,6 +437,143 @@ def test_unhashable_request_fields_do_not_crash() -> None:
     assert decision.reply.code in (250, 451)
 
 
+# --------------------------------------------------------------------------- certificate names
+
+#: contoso's connector knows mail.contoso.com, fabrikam's mx.fabrikam.com; 198.51.100.0/24 is
+#: contoso's, 192.0.2.0/24 is northwind's (a third tenant, so a fallback to the address shows).
+MULTI_MATCHER = DomainMatcher.compile(
+    [
+        AcceptedDomain("contoso.com", "contoso"),
+        AcceptedDomain("fabrikam.com", "fabrikam"),
+        AcceptedDomain("northwind.example", "northwind"),
+    ]
+)
+MULTI_CONNECTORS = ConnectorTable.compile(
+    [
+        InboundConnector("contoso", "contoso", "198.51.100.0/24", "mail.contoso.com"),
+        InboundConnector("fabrikam", "fabrikam", (), "mx.fabrikam.com"),
+        InboundConnector("northwind", "northwind", "192.0.2.0/24"),
+    ],
+    MULTI_MATCHER,
+)
+
+
+def multi() -> RelayPolicy:
+    return RelayPolicy(MULTI_MATCHER, MULTI_CONNECTORS, POLICY, MemoryStore(), clock=Clock())
+
+
+@pytest.mark.parametrize(
+    ("given_names", "stored"),
+    [
+        ((), ()),
+        (None, ()),
+        ("mail.contoso.com", ("mail.contoso.com",)),
+        (["a.example", "b.example"], ("a.example", "b.example")),
+        (("a.example",), ("a.example",)),
+        ((n for n in ["a.example", "b.example"]), ("a.example", "b.example")),
+    ],
+)
+def test_tls_cert_names_converter(given_names: Any, stored: tuple[str, ...]) -> None:
+    """A single name, None or any iterable of names is stored as a tuple, and the request stays
+    hashable; tls_cert_name is untouched."""
+    request = RelayRequest("a@contoso.com", tls_cert_name="x.example", tls_cert_names=given_names)
+    assert request.tls_cert_names == stored
+    assert request.tls_cert_name == "x.example"
+    assert hash(request) == hash(
+        RelayRequest("a@contoso.com", tls_cert_name="x.example", tls_cert_names=stored)
+    )
+
+
+def test_tls_cert_names_is_keyword_only_and_defaults_to_empty() -> None:
+    """Positional construction is unchanged: the new field is keyword-only, default ()."""
+    request = RelayRequest("a@contoso.com", "192.0.2.1", "mail.contoso.com", "user")
+    assert (request.tls_cert_name, request.sasl_user, request.tls_cert_names) == (
+        "mail.contoso.com",
+        "user",
+        (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("ip", "name", "names", "tenant"),
+    [
+        # the second name of the certificate attributes it
+        ("203.0.113.5", None, ("mx1.unknown.example", "mail.contoso.com"), "contoso"),
+        # the union of tls_cert_name and tls_cert_names
+        ("203.0.113.5", "mx1.unknown.example", ("mail.contoso.com",), "contoso"),
+        ("203.0.113.5", "mx.fabrikam.com", ("mx1.unknown.example",), "fabrikam"),
+        ("203.0.113.5", "mail.contoso.com", ("mail.contoso.com", "x.unknown.example"), "contoso"),
+        # the certificate wins over the address
+        ("192.0.2.7", None, ("mx1.unknown.example", "mx.fabrikam.com"), "fabrikam"),
+        # names of two tenants are ambiguous: the address decides
+        ("192.0.2.7", None, ("mail.contoso.com", "mx.fabrikam.com"), "northwind"),
+        ("192.0.2.7", "mail.contoso.com", ("mx.fabrikam.com",), "northwind"),
+        ("198.51.100.7", "mx.fabrikam.com", ("mail.contoso.com",), "contoso"),
+        # ... and without a connector for the address, the sender's domain
+        ("203.0.113.5", None, ("mail.contoso.com", "mx.fabrikam.com"), None),
+    ],
+)
+def test_policy_attributes_by_every_certificate_name(
+    ip: str, name: str | None, names: tuple[str, ...], tenant: str | None
+) -> None:
+    """evaluate attributes by the union of tls_cert_name and tls_cert_names."""
+    request = RelayRequest("x@forwarded.example", ip, name, tls_cert_names=names)
+    decision = multi().evaluate(request)
+    assert decision.tenant == tenant
+    assert decision.reason == ("no_tenant" if tenant is None else "unregistered_allowed")
+
+
+def test_ambiguous_certificate_falls_back_to_the_sender_domain() -> None:
+    """Ambiguous names and no connector for the address: the sender's domain attributes."""
+    request = RelayRequest(
+        "alice@fabrikam.com",
+        "203.0.113.5",
+        tls_cert_names=("mail.contoso.com", "mx.fabrikam.com"),
+    )
+    decision = multi().evaluate(request)
+    assert (decision.tenant, decision.reason) == ("fabrikam", "accepted_domain")
+
+
+def test_the_explicit_name_is_considered_even_past_the_cap() -> None:
+    """tls_cert_name comes first, so a long tls_cert_names cannot push it out."""
+    filler = tuple(f"mx{i}.unknown.example" for i in range(ConnectorTable.MAX_CERT_NAMES))
+    decision = multi().evaluate(
+        RelayRequest(
+            "x@forwarded.example", "203.0.113.5", "mail.contoso.com", tls_cert_names=filler
+        )
+    )
+    assert decision.tenant == "contoso"
+    beyond = RelayRequest(
+        "x@forwarded.example", "203.0.113.5", tls_cert_names=[*filler, "mail.contoso.com"]
+    )
+    assert multi().evaluate(beyond).tenant is None
+
+
+def test_attribution_cache_keys_on_all_the_names() -> None:
+    """Cached attribution distinguishes requests from one address by their certificate names."""
+    policy = multi()
+    one = RelayRequest("x@fwd.example", "203.0.113.5", tls_cert_names=("mail.contoso.com",))
+    both = RelayRequest(
+        "x@fwd.example", "203.0.113.5", tls_cert_names=("mail.contoso.com", "mx.fabrikam.com")
+    )
+    other = RelayRequest("x@fwd.example", "203.0.113.5", tls_cert_names=("mx.fabrikam.com",))
+    for _ in range(2):
+        assert [policy.evaluate(r).tenant for r in (one, both, other)] == [
+            "contoso",
+            None,
+            "fabrikam",
+        ]
+
+
+def test_unhashable_certificate_names_do_not_crash() -> None:
+    """Unhashable items among the names are evaluated uncached, the valid names still count."""
+    careless: Any = [["x"], "mail.contoso.com"]
+    decision = multi().evaluate(
+        RelayRequest("x@forwarded.example", "203.0.113.5", tls_cert_names=careless)
+    )
+    assert (decision.tenant, decision.reason) == ("contoso", "unregistered_allowed")
+
+
 def test_remove_domain_registered_elsewhere_is_recorded() -> None:
     """A domain registered on the checklist by another process can be removed again here."""
     policy = make()
@@ -465,6 +607,11 @@ _REQUESTS = [
     RelayRequest("x@spam3.example", client_ip=ONPREM),
     RelayRequest("x@spam4.example", tls_cert_name="mail.contoso.com", client_ip="203.0.113.9"),
     RelayRequest("x@spam5.example", client_ip=ONPREM),
+    RelayRequest(
+        "x@spam6.example",
+        client_ip="203.0.113.9",
+        tls_cert_names=("mx1.fabrikam.net", "mail.contoso.com"),
+    ),
 ]
 
 

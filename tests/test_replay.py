@@ -126,6 +126,47 @@ def test_malformed_lines_are_skipped_and_reported(
     assert out.getvalue().count("accepted (accepted_domain)") == 2
 
 
+def test_relay_events_carry_every_certificate_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tls_cert_names`` (a JSON array) attributes by any of the names, alongside or without
+    ``tls_cert_name``; anything but an array of strings is a malformed line."""
+    head = '{"at": "2026-11-02T08:00:00Z", "event": "relay", "client_ip": "203.0.113.9", '
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        head + '"sender": "a@fwd.example", "message_id": "names", '
+        '"tls_cert_names": ["mx1.fabrikam.net", "mail.contoso.com"]}\n'
+        + head
+        + '"sender": "b@fwd.example", "message_id": "both", '
+        '"tls_cert_name": "mx1.fabrikam.net", "tls_cert_names": ["mail.contoso.com"]}\n'
+        + head
+        + '"sender": "c@fwd.example", "message_id": "one", "tls_cert_name": "mail.contoso.com"}\n'
+        + head
+        + '"sender": "d@fwd.example", "message_id": "none", "tls_cert_names": []}\n'
+        + head
+        + '"sender": "e@fwd.example", "tls_cert_names": "mail.contoso.com"}\n'
+        + head
+        + '"sender": "f@fwd.example", "tls_cert_names": ["mail.contoso.com", 5]}\n',
+        encoding="utf-8",
+    )
+    out = io.StringIO()
+    code = main(["replay", str(log), "--config", str(EXAMPLES / "tenants.toml"), "--json"], out=out)
+    assert code == EXIT_INVALID
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    relayed = {
+        r["message_id"]: (r["tenant"], r["reason"]) for r in records if r["event"] == "relay"
+    }
+    assert relayed == {
+        "names": ("contoso", "unregistered_allowed"),
+        "both": ("contoso", "unregistered_allowed"),
+        "one": ("contoso", "unregistered_allowed"),
+        "none": (None, "no_tenant"),
+    }
+    err = capsys.readouterr().err
+    assert f"{log}:5: skipped: 'tls_cert_names' must be an array of strings" in err
+    assert f"{log}:6: skipped: 'tls_cert_names' must be an array of strings" in err
+
+
 def test_readme_main_command_runs() -> None:
     """The console script runs the bundled replay end to end (exit 0)."""
     result = subprocess.run(

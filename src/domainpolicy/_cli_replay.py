@@ -3,7 +3,8 @@
 Each line is one event with an ``at`` time (ISO 8601 with a zone, or epoch seconds) and an
 ``event`` name:
 
-* ``relay``: ``client_ip``, ``sender``, optional ``tls_cert_name``, ``sasl_user``,
+* ``relay``: ``client_ip``, ``sender``, optional ``tls_cert_name`` (one certificate name),
+  ``tls_cert_names`` (an array of every name of the client certificate), ``sasl_user``,
   ``recipients``, ``header_from``, ``message_id`` -- evaluated with `RelayPolicy.evaluate`.
 * admin events, with ``tenant`` and ``by``: ``register_domain`` (``domain``),
   ``remove_domain`` (``domain``), ``declare_not_ours`` (``domains``), ``connector_created``
@@ -98,10 +99,14 @@ class _Replay:
         recipients = event.get("recipients", [])
         if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
             raise _BadEvent("'recipients' must be an array of strings")
+        cert_names = event.get("tls_cert_names", [])
+        if not isinstance(cert_names, list) or not all(isinstance(n, str) for n in cert_names):
+            raise _BadEvent("'tls_cert_names' must be an array of strings")
         request = RelayRequest(
             sender=_text(event, "sender"),
             client_ip=event.get("client_ip"),
             tls_cert_name=event.get("tls_cert_name"),
+            tls_cert_names=cert_names,
             sasl_user=event.get("sasl_user"),
             recipients=tuple(recipients),
             header_from=event.get("header_from"),

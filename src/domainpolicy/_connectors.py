@@ -8,6 +8,14 @@ A `ConnectorTable` is compiled from `InboundConnector` values and a `DomainMatch
   wildcard).  As Exchange Online Protection requires, a configured certificate name is only
   trusted if it is (under) one of the connector tenant's accepted domains: the nearest
   accepted domain at or above it must belong to that tenant.  Compilation refuses others;
+* **every name of the certificate**: a client certificate often carries several names
+  (``subjectAltName`` DNS names), and, as in Exchange Online, a connector matches when any of
+  them matches.  Each name is tried with the rules above (invalid or unknown names are
+  ignored).  When names of one certificate match connectors of **different** tenants the
+  certificate is ambiguous: it attributes nothing (no guessing) and attribution falls back to
+  the client address.  Only the first `ConnectorTable.MAX_CERT_NAMES` (100) names are
+  considered: RFC 5280 sets no limit and a hostile certificate may carry thousands, so the cost
+  stays linear in the size of the input;
 * **then the IP address**: the longest sender IP prefix (IPv4 or IPv6; IPv4-mapped IPv6
   clients are treated as IPv4) among enabled connectors that contains the client address;
 * **ambiguity is refused at compile time**: the same prefix or the same certificate name on
@@ -21,7 +29,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 from collections.abc import Iterable
+from typing import ClassVar
 
 import attrs
 
@@ -92,6 +102,10 @@ class ConnectorTable:
     """Compiled, immutable connector attribution (see the module documentation)."""
 
     __slots__ = ("_certs", "_v4", "_v6")
+
+    MAX_CERT_NAMES: ClassVar[int] = 100
+    """How many names of one certificate `attribute` considers at most (the first ones, in the
+    order given); further names are ignored, unread."""
 
     def __init__(
         self,
@@ -186,27 +200,30 @@ class ConnectorTable:
     def attribute(
         self,
         client_ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address,
-        tls_cert_name: str | None = None,
+        tls_cert_name: str | Iterable[str] | None = None,
     ) -> str | None:
         """The tenant a connection is attributed to, or None.
 
-        A certificate name that is not a valid name, or that matches no connector, is ignored
-        and attribution falls back to the client address.
+        Args:
+            client_ip: the client's address (text or an `ipaddress` value).
+            tls_cert_name: the verified TLS client certificate's name, or all its names (any
+                iterable of names, such as every ``subjectAltName`` DNS name), or None.
+
+        A certificate name that is not a valid name, or that matches no connector, is ignored.
+        The tenant of the connectors the certificate's names match wins over the client
+        address.  If they match connectors of different tenants the certificate is ambiguous
+        and attributes nothing.  Only the first `MAX_CERT_NAMES` names are considered.  Without
+        a certificate attribution, the longest sender IP prefix containing *client_ip* decides.
+        An exception raised by a *tls_cert_name* iterable itself propagates.
 
         Raises:
-            InvalidAddress: *client_ip* is not an IP address (reason ``bad_client_ip``).
+            InvalidAddress: *client_ip* is not an IP address (reason ``bad_client_ip``) and
+                no certificate name attributed the connection.
         """
         if tls_cert_name is not None and self._certs:
-            key = _cert_key(tls_cert_name)
-            if key is not None:
-                found = self._certs.get(key)
-                if found is None and not key[1]:
-                    rest = key[0].partition(".")[2]
-                    while found is None and "." in rest:
-                        found = self._certs.get((rest, True))
-                        rest = rest.partition(".")[2]
-                if found is not None:
-                    return found
+            found = self._certificate_tenant(tls_cert_name)
+            if found is not None:
+                return found
         try:
             address = (
                 client_ip
@@ -225,3 +242,35 @@ class ConnectorTable:
             if found is not None:
                 return found
         return None
+
+    def _certificate_tenant(self, names: object) -> str | None:
+        """The one tenant the certificate names identify; None when none match or when they
+        match different tenants (ambiguous)."""
+        if isinstance(names, str | bytes | bytearray):
+            return self._certificate_name_tenant(names)
+        try:
+            iterator = iter(names)  # type: ignore[call-overload]
+        except TypeError:  # not a name, not names: an invalid name, ignored
+            return None
+        tenant: str | None = None
+        for name in itertools.islice(iterator, self.MAX_CERT_NAMES):
+            found = self._certificate_name_tenant(name)
+            if found is None or found == tenant:
+                continue
+            if tenant is not None:
+                return None  # names of two tenants: do not guess
+            tenant = found
+        return tenant
+
+    def _certificate_name_tenant(self, name: object) -> str | None:
+        """The tenant of the connector one certificate name matches, or None."""
+        key = _cert_key(name)
+        if key is None:
+            return None
+        found = self._certs.get(key)
+        if found is None and not key[1]:
+            rest = key[0].partition(".")[2]
+            while found is None and "." in rest:
+                found = self._certs.get((rest, True))
+                rest = rest.partition(".")[2]
+        return found

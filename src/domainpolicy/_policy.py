@@ -4,9 +4,11 @@
 `Decision` (accept, refuse or temporary failure, with the SMTP `Reply` to give).  The steps, in
 order:
 
-1. **Attribute the tenant**: an inbound connector matching the client IP or TLS certificate name
-   (`ConnectorTable.attribute`), else the tenant whose accepted domain the sender's domain is
-   (`DomainMatcher`).  Nobody: ``550 5.7.64 TenantAttribution; Relay Access Denied``.
+1. **Attribute the tenant**: an inbound connector matching the client IP or one of the TLS
+   client certificate's names (`ConnectorTable.attribute`; names matching connectors of
+   different tenants are ambiguous and attribute nothing), else the tenant whose accepted domain
+   the sender's domain is (`DomainMatcher`).  Nobody:
+   ``550 5.7.64 TenantAttribution; Relay Access Denied``.
 2. **Check the sender**: an envelope sender that is not a valid path gets
    ``501 5.1.7 Bad sender address syntax``.  The null sender ``<>`` is accepted uncounted by default
    (bounces are legitimate relayed mail; ``null_sender="refuse"`` refuses it when no connector
@@ -90,6 +92,14 @@ def _recipients(value: Iterable[str]) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _cert_names(value: Iterable[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
 @attrs.frozen
 class RelayRequest:
     """What an MTA knows about one relayed message.
@@ -98,7 +108,14 @@ class RelayRequest:
         sender: the envelope sender (``MAIL FROM``) as received; ``""`` or ``"<>"`` is the
             null sender.
         client_ip: the connecting client's IP address (text or `ipaddress` value), if known.
-        tls_cert_name: the verified TLS client certificate name (CN/SAN), if any.
+        tls_cert_name: a verified TLS client certificate name (CN/SAN), if any: the one name
+            an MTA knows (Postfix's ``ccert_subject``), or the first of `tls_cert_names`.
+        tls_cert_names: all the verified TLS client certificate's names (every
+            ``subjectAltName`` DNS name, in certificate order), keyword only; a single name or
+            any iterable of names is stored as a tuple (None: no names).  The policy attributes
+            by the union of `tls_cert_name` and these (see `ConnectorTable.attribute`: names of
+            different tenants are ambiguous and fall back to the client address; at most
+            `ConnectorTable.MAX_CERT_NAMES` names are considered, `tls_cert_name` first).
         sasl_user: the authenticated SASL user name, if any (logged, not used to attribute).
         recipients: envelope recipients (``RCPT TO``), used as the weight when counting
             recipients.
@@ -113,6 +130,22 @@ class RelayRequest:
     recipients: tuple[str, ...] = attrs.field(default=(), converter=_recipients)
     header_from: str | None = None
     message_id: str | None = None
+    tls_cert_names: tuple[str, ...] = attrs.field(default=(), converter=_cert_names, kw_only=True)
+
+
+def _certificate_names(request: RelayRequest) -> str | tuple[str, ...] | None:
+    """The certificate names the policy attributes *request* by: `RelayRequest.tls_cert_name`
+    alone, or it (when given, and unless it already leads them) followed by
+    `RelayRequest.tls_cert_names`, at most `ConnectorTable.MAX_CERT_NAMES` of them in all (so
+    the explicit name is always considered and the attribution cache's key stays small); None
+    when there is no name."""
+    names = request.tls_cert_names
+    single = request.tls_cert_name
+    if not names:
+        return single
+    if single is not None and names[0] != single:
+        names = (single, *names)
+    return names[: ConnectorTable.MAX_CERT_NAMES]
 
 
 @attrs.frozen
@@ -283,7 +316,7 @@ class RelayPolicy:
         # and decisions whose effects are the machine's shared constants (nothing happened
         # besides counting), so the common accept and refuse paths allocate nothing.
         self._registrable: dict[str, str] = {}
-        self._attributed: dict[tuple[str, str | None], str | None] = {}
+        self._attributed: dict[tuple[str, str | tuple[str, ...] | None], str | None] = {}
         self._decisions: dict[tuple[object, ...], Decision] = {}
 
     # ------------------------------------------------------------------ configuration
@@ -364,7 +397,8 @@ class RelayPolicy:
         to count: ``(tenant, sender domain, registered, registrable domain, weight)``."""
         tenant: str | None = None
         if self._connectors is not None and request.client_ip is not None:
-            tenant = self._attribute(request.client_ip, request.tls_cert_name)
+            names = _certificate_names(request) if request.tls_cert_names else request.tls_cert_name
+            tenant = self._attribute(request.client_ip, names)
         try:
             sender = parse_address(request.sender)
         except InvalidAddress:
@@ -526,7 +560,9 @@ class RelayPolicy:
         log.exception("unexpected error evaluating %r", request)
         return self._refuse(ReplyCode.STORE_UNAVAILABLE, "internal_error", None)
 
-    def _attribute(self, client_ip: str, tls_cert_name: str | None) -> str | None:
+    def _attribute(self, client_ip: str, tls_cert_name: str | tuple[str, ...] | None) -> str | None:
+        # A tuple of names is hashable (and bounded by ConnectorTable.MAX_CERT_NAMES) as long as
+        # its items are; a careless caller's unhashable value is evaluated uncached.
         key = (client_ip, tls_cert_name)
         try:
             return self._attributed[key]

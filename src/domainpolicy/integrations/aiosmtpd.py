@@ -41,11 +41,13 @@ What the request is made of
 * client IP: the address of a valid PROXY protocol header when the server was started with
   ``proxy_protocol_timeout`` (the proxy's own address is never used: a ``PROXY UNKNOWN`` header
   gives no address), else ``session.peer``;
-* TLS certificate name: from the verified peer certificate (``session.ssl["peercert"]`` after
-  STARTTLS, or the transport's ``peercert`` for implicit TLS); the first ``subjectAltName`` DNS
-  name, else the subject's common name (see `peer_certificate_name`).  Python only exposes a
-  certificate it verified: the server's SSL context needs ``verify_mode`` ``CERT_OPTIONAL`` or
-  ``CERT_REQUIRED`` and the client CAs loaded;
+* TLS certificate names: from the verified peer certificate (``session.ssl["peercert"]`` after
+  STARTTLS, or the transport's ``peercert`` for implicit TLS); every ``subjectAltName`` DNS name
+  in certificate order, else the subject's common name (see `peer_certificate_names`), as
+  ``tls_cert_names``, and the first of them as ``tls_cert_name``.  A connector matches when any
+  of the names matches it (names of different tenants are ambiguous: the client address
+  decides).  Python only exposes a certificate it verified: the server's SSL context needs
+  ``verify_mode`` ``CERT_OPTIONAL`` or ``CERT_REQUIRED`` and the client CAs loaded;
 * SASL user: ``session.auth_data.login`` after a successful ``AUTH`` (aiosmtpd's
   ``authenticator`` API), or the legacy ``auth_callback`` login data;
 * the envelope sender and the recipients known at the stage of the check.
@@ -82,6 +84,7 @@ __all__ = [
     "PolicyHandler",
     "RelayCallable",
     "peer_certificate_name",
+    "peer_certificate_names",
 ]
 
 log = logging.getLogger("domainpolicy.integrations.aiosmtpd")
@@ -100,28 +103,33 @@ RelayCallable: TypeAlias = Callable[[Any], Awaitable[str | Reply | None] | str |
 `DELIVERED_REPLY`) or the reply to give (a `Reply` or reply text); raises to tempfail."""
 
 
-def peer_certificate_name(peercert: Mapping[str, Any] | None) -> str | None:
-    """The name to attribute a TLS client by, from a verified peer certificate.
+def peer_certificate_names(peercert: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The names to attribute a TLS client by, from a verified peer certificate.
 
     *peercert* is the dict of `ssl.SSLSocket.getpeercert` (as aiosmtpd and asyncio expose it).
-    The first ``subjectAltName`` DNS name wins; without one, the subject's ``commonName``
-    (RFC 6125 section 6.4.4).  An empty dict (a certificate Python did not verify) gives None.
+    Every ``subjectAltName`` DNS name, in certificate order (other kinds, such as IP addresses,
+    are not names); without any, the subject's first ``commonName`` alone (RFC 6125 section
+    6.4.4: the CN only counts when there is no DNS name).  An empty dict (a certificate Python
+    did not verify) or None gives ``()``.  All names are returned; `ConnectorTable.attribute`
+    considers the first `ConnectorTable.MAX_CERT_NAMES` of them.
 
     Never raises: malformed entries are skipped.
     """
     if not isinstance(peercert, Mapping) or not peercert:
-        return None
-    for entry in peercert.get("subjectAltName", ()) or ():
-        if (
-            isinstance(entry, Sequence)
-            and len(entry) == 2
-            and entry[0] == "DNS"
-            and isinstance(entry[1], str)
-            and entry[1]
-        ):
-            return entry[1]
-    for rdn in peercert.get("subject", ()) or ():
-        for pair in rdn if isinstance(rdn, Sequence) else ():
+        return ()
+    names = tuple(
+        entry[1]
+        for entry in _entries(peercert.get("subjectAltName"))
+        if isinstance(entry, Sequence)
+        and len(entry) == 2
+        and entry[0] == "DNS"
+        and isinstance(entry[1], str)
+        and entry[1]
+    )
+    if names:
+        return names
+    for rdn in _entries(peercert.get("subject")):
+        for pair in _entries(rdn):
             if (
                 isinstance(pair, Sequence)
                 and len(pair) == 2
@@ -129,8 +137,24 @@ def peer_certificate_name(peercert: Mapping[str, Any] | None) -> str | None:
                 and isinstance(pair[1], str)
                 and pair[1]
             ):
-                return pair[1]
-    return None
+                return (pair[1],)
+    return ()
+
+
+def peer_certificate_name(peercert: Mapping[str, Any] | None) -> str | None:
+    """The first of `peer_certificate_names`: the first ``subjectAltName`` DNS name, else the
+    subject's ``commonName``; None when there is none (kept for compatibility: attribution uses
+    all the names).
+
+    Never raises: malformed entries are skipped.
+    """
+    names = peer_certificate_names(peercert)
+    return names[0] if names else None
+
+
+def _entries(value: object) -> Sequence[object]:
+    """*value* if it is a list or tuple (a ``getpeercert`` sequence), else nothing."""
+    return value if isinstance(value, tuple | list) else ()
 
 
 def _is_async(function: object) -> bool:
@@ -162,7 +186,7 @@ def _ip_text(value: object) -> str | None:
     return None
 
 
-def _tls_cert_name(server: Any, session: Any) -> str | None:
+def _tls_cert_names(server: Any, session: Any) -> tuple[str, ...]:
     ssl_info = getattr(session, "ssl", None)
     peercert = ssl_info.get("peercert") if isinstance(ssl_info, Mapping) else None
     if not peercert:
@@ -170,7 +194,7 @@ def _tls_cert_name(server: Any, session: Any) -> str | None:
         get_extra = getattr(transport, "get_extra_info", None)
         if callable(get_extra):
             peercert = get_extra("peercert")
-    return peer_certificate_name(peercert)
+    return peer_certificate_names(peercert)
 
 
 def _sasl_user(session: Any) -> str | None:
@@ -357,10 +381,12 @@ class PolicyHandler:
 
         Never raises.
         """
+        cert_names = _tls_cert_names(server, session)
         return RelayRequest(
             sender=sender,
             client_ip=_client_ip(session),
-            tls_cert_name=_tls_cert_name(server, session),
+            tls_cert_name=cert_names[0] if cert_names else None,
+            tls_cert_names=cert_names,
             sasl_user=_sasl_user(session),
             recipients=recipients,
             message_id=message_id,
