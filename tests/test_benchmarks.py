@@ -33,11 +33,18 @@ def test_matcher_benchmark_runs_side_by_side_with_a_before_version(
     module.run(300, 400, 1, before)
     out = capsys.readouterr().out
     assert "### N = 300 (tenants: " in out
-    for row in ("| ours raw |", "| nested key |", "| before key |", "| naive endswith |"):
+    for row in (
+        "| ours raw |",
+        "| nested key |",
+        "| compact key |",
+        "| before key |",
+        "| naive endswith |",
+    ):
         assert row in out
     assert "| ours | " in out
     assert "| before | " in out
     assert "| floor: a dict of the keys |" in out
+    assert "| compact (not taken) |" in out
     assert "nested / ours = " in out
 
 
@@ -59,3 +66,25 @@ def test_generated_sets_are_deterministic_and_shaped_as_documented(bench_matcher
     assert any(query.endswith(".") for query in queries)
     assert any(query != query.lower() for query in queries)
     assert any(query.startswith("evil") for query in queries)
+
+
+def test_compact_table_round_trips_and_refuses_a_corrupt_snapshot(bench_matcher: Any) -> None:
+    """The compact layout answers as our matcher does, before and after a snapshot round trip,
+    and a flipped byte fails its checksum."""
+    module = bench_matcher
+    compact_table = importlib.import_module("compact_table")
+    entries = module.generate(500)
+    rows = module.canonical(entries)
+    table = compact_table.CompactTable.build(rows)
+    data = table.to_bytes()
+    loaded = compact_table.CompactTable.from_bytes(data)
+    matcher = module.DomainMatcher.compile(entries)
+    keys = [row[0] for row in rows] + [f"x.{row[0]}" for row in rows] + ["absent.example"]
+    for key in keys:
+        owner = matcher.owner_of_normalized(key)
+        expected = None if owner is None else owner.tenant
+        assert table.tenant(key) == loaded.tenant(key) == expected, key
+    broken = bytearray(data)
+    broken[len(broken) // 2] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        compact_table.CompactTable.from_bytes(bytes(broken))
