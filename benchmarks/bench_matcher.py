@@ -57,18 +57,39 @@ from domainpolicy import AcceptedDomain, DomainMatcher, DomainType, normalize_do
 from domainpolicy._names import clear_cache
 from domainpolicy._psl import default_public_suffixes
 
-SUFFIXES = ["com"] * 30 + ["net"] * 8 + ["org"] * 8 + ["de"] * 6 + ["co.uk"] * 6 + [
-    "com.au", "co.jp", "fr", "nl", "io", "jp", "ru", "com.br", "ca", "it", "es", "ch",
-]
+SUFFIXES = (
+    ["com"] * 30
+    + ["net"] * 8
+    + ["org"] * 8
+    + ["de"] * 6
+    + ["co.uk"] * 6
+    + [
+        "com.au",
+        "co.jp",
+        "fr",
+        "nl",
+        "io",
+        "jp",
+        "ru",
+        "com.br",
+        "ca",
+        "it",
+        "es",
+        "ch",
+    ]
+)
 IDN_LABELS = ["bücher", "münchen", "café", "пример", "例え", "straße", "ñandú", "élan"]
 SUBS = ["mail", "eu", "us", "sales", "hr", "mx", "corp", "dev", "shop", "it"]
 
 
 def label(rnd: random.Random) -> str:
     size = rnd.randint(3, 12)
-    return "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(size)).lstrip(
-        "0123456789"
-    ) or "x"
+    return (
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(size)).lstrip(
+            "0123456789"
+        )
+        or "x"
+    )
 
 
 def generate(n: int, seed: int = 7) -> list[AcceptedDomain]:
@@ -138,8 +159,14 @@ def canonical(entries: list[AcceptedDomain]) -> list[tuple[str, bool, bool, str]
     out: list[tuple[str, bool, bool, str]] = []
     for e in entries:
         wildcard = e.domain.startswith("*.")
-        out.append((normalize_domain(e.domain[2:] if wildcard else e.domain), wildcard,
-                    e.match_subdomains, e.tenant))
+        out.append(
+            (
+                normalize_domain(e.domain[2:] if wildcard else e.domain),
+                wildcard,
+                e.match_subdomains,
+                e.tenant,
+            )
+        )
     return out
 
 
@@ -448,22 +475,32 @@ def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None
             ref = measured["ours key"]
         print(f"| {name} | {value:,.0f} | {ref / value:.2f}x |")
     print()
-    print("| version | compile | snapshot load | snapshot bytes/domain "
-          "| memory bytes/domain, deep | memory bytes/domain, traced |")
+    print(
+        "| version | compile | snapshot load | snapshot bytes/domain "
+        "| memory bytes/domain, deep | memory bytes/domain, traced |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
-    print(f"| ours | {compile_s:.3f} s | {load_s:.3f} s | {snapshot_bytes / n:.1f} "
-          f"| {sizes['ours'] / n:.1f} | {traced / n:.1f} |")
+    print(
+        f"| ours | {compile_s:.3f} s | {load_s:.3f} s | {snapshot_bytes / n:.1f} "
+        f"| {sizes['ours'] / n:.1f} | {traced / n:.1f} |"
+    )
     if before is not None:
-        print(f"| before | {old_compile_s:.3f} s | {old_load_s:.3f} s "
-              f"| {old_snapshot_bytes / n:.1f} | {sizes['before'] / n:.1f} "
-              f"| {old_traced / n:.1f} |")
-    print(f"| compact (not taken) | | {compact_load_s:.3f} s | {len(compact_bytes) / n:.1f} "
-          f"| {compact.size() / n:.1f} | |")
+        print(
+            f"| before | {old_compile_s:.3f} s | {old_load_s:.3f} s "
+            f"| {old_snapshot_bytes / n:.1f} | {sizes['before'] / n:.1f} "
+            f"| {old_traced / n:.1f} |"
+        )
+    print(
+        f"| compact (not taken) | | {compact_load_s:.3f} s | {len(compact_bytes) / n:.1f} "
+        f"| {compact.size() / n:.1f} | |"
+    )
     print(f"| floor: a dict of the keys | | {floor_s:.3f} s | | {floor_bytes / n:.1f} | |")
     print()
-    print("memory, bytes per domain (deep size of the lookup structure): " + ", ".join(
-        f"{name} {value / n:.1f}" for name, value in sizes.items()
-    ) + f"; nested / ours = {sizes['nested'] / sizes['ours']:.2f}x")
+    print(
+        "memory, bytes per domain (deep size of the lookup structure): "
+        + ", ".join(f"{name} {value / n:.1f}" for name, value in sizes.items())
+        + f"; nested / ours = {sizes['nested'] / sizes['ours']:.2f}x"
+    )
 
 
 def disposable(repeats: int) -> None:
@@ -484,8 +521,9 @@ def disposable(repeats: int) -> None:
     compile_s = time.perf_counter() - start
     qs = queries(entries, 50_000)
     print(f"\n### disposable-email-domains ({len(entries):,} entries)\n")
-    print(f"ours raw: {rate(matcher.lookup, qs, repeats):,.0f} lookups/s; "
-          f"compile {compile_s:.3f} s")
+    print(
+        f"ours raw: {rate(matcher.lookup, qs, repeats):,.0f} lookups/s; compile {compile_s:.3f} s"
+    )
 
 
 def main() -> None:

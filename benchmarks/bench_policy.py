@@ -259,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {name} | {processes} | `{mode_name(size)}` | {results['accept_registered']:,.0f}/s "
             f"| {results['accept_unregistered']:,.0f}/s | {results['refuse']:,.0f}/s |"
         )
-    print("\ntargets (issue 6, accept path): memory >= 200k/s, SQLite >= 10k/s, Redis >= 20k/s with batching")
+    print(
+        "\ntargets (issue 6, accept path): memory >= 200k/s, SQLite >= 10k/s, Redis >= 20k/s with batching"
+    )
     return 0
 
 

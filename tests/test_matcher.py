@@ -335,8 +335,7 @@ def reference_tenant(entries: list[AcceptedDomain], query: str) -> str | None:
         key = normalize_domain(entry.domain[2:] if wildcard else entry.domain)
         below = query.endswith("." + key)
         if (
-            (query == key and not wildcard)
-            or (below and (wildcard or entry.match_subdomains))
+            (query == key and not wildcard) or (below and (wildcard or entry.match_subdomains))
         ) and (best is None or len(key) > best[0]):
             best = (len(key), entry.tenant)
     return None if best is None else best[1]
@@ -382,8 +381,7 @@ def test_with_changes_is_copy_on_write(matcher: DomainMatcher) -> None:
     assert len(changed) == len(matcher)
     assert "C" not in changed.tenants()
     assert changed == DomainMatcher.compile(
-        [e for e in CONFIG if e.tenant not in "CD"]
-        + [A("new.org", "Z"), A("*.contoso.org", "Z")]
+        [e for e in CONFIG if e.tenant not in "CD"] + [A("new.org", "Z"), A("*.contoso.org", "Z")]
     )
 
 
