@@ -2,6 +2,8 @@
 
 The session server is started lazily on first use (`redis_url`) and stopped at exit; tests that
 need their own server (persistence, a server that goes away) use `RedisServer` directly.  The
+session cluster (`redis_cluster_url`: three primaries in cluster mode, no replicas) is started
+the same way, on first use, and stopped at exit.  The
 binary comes from the Debian package ``redis-server`` (the README's test command installs it);
 when it is missing the tests fail with a message saying so -- they are never skipped.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -17,10 +20,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
-__all__ = ["RedisServer", "redis_binary", "redis_url", "session_server"]
+__all__ = [
+    "RedisCluster",
+    "RedisServer",
+    "redis_binary",
+    "redis_cluster_url",
+    "redis_url",
+    "session_cluster",
+    "session_server",
+]
 
 _START_TIMEOUT = 20.0
 
@@ -49,18 +61,41 @@ def _free_port() -> int:
         return port
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000) is free too (so at most
+    55535: redis-server refuses a higher port in cluster mode)."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 55536)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free loopback port pair (port, port + 10000) for a cluster node")
+
+
 class RedisServer:
     """One ``redis-server`` process bound to 127.0.0.1, optionally persistent (AOF in *directory*).
 
     Args:
         directory: the working directory (logs, and the AOF when *persistent*).
         persistent: append-only file with ``appendfsync always``; otherwise no persistence.
+        cluster: cluster mode (``nodes-PORT.conf`` in *directory*); `RedisCluster` assigns the
+            slots and joins the nodes.
     """
 
-    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+    def __init__(self, directory: Path, *, persistent: bool = False, cluster: bool = False) -> None:
         self.directory = directory
         self.persistent = persistent
-        self.port = _free_port()
+        self.cluster = cluster
+        self.port = _free_cluster_port() if cluster else _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,6 +119,12 @@ class RedisServer:
             else ["--appendonly", "no", "--save", ""]
         )
         log = self.directory / f"redis-{self.port}.log"
+        if self.cluster:
+            persistence += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(self.directory / f"nodes-{self.port}.conf"),
+                "--cluster-node-timeout", "5000",
+            ]  # fmt: skip
         command = [
             redis_binary(),
             "--port", str(self.port),
@@ -160,3 +201,126 @@ def redis_url(tmp_path: Path) -> str:
     with server.client() as client:
         client.flushall()
     return server.url
+
+
+_SLOTS = 16384
+
+
+def _cluster(client: redis.Redis, *args: object) -> Any:
+    """``CLUSTER <args>`` on one node."""
+    run: Any = client.execute_command  # untyped
+    return run("CLUSTER", *args)
+
+
+class RedisCluster:
+    """A Redis Cluster of *size* ``redis-server`` primaries (no replicas) on free loopback ports,
+    each in its own directory under *directory*; the slots are split evenly between them.
+
+    The cluster is made with redis-py (``CLUSTER ADDSLOTS``, ``CLUSTER SET-CONFIG-EPOCH``,
+    ``CLUSTER MEET``) rather than ``redis-cli --cluster create``, which sleeps a second per
+    check; `start` returns once every node says ``cluster_state:ok``.
+    """
+
+    def __init__(self, directory: Path, *, size: int = 3) -> None:
+        self.directory = directory
+        self.nodes: list[RedisServer] = []
+        for index in range(size):
+            node_directory = directory / f"node{index}"
+            node_directory.mkdir(parents=True, exist_ok=True)
+            self.nodes.append(RedisServer(node_directory, cluster=True))
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:P1,127.0.0.1:P2,.../0``: every node a startup node."""
+        hosts = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        return f"redis+cluster://{hosts}/0"
+
+    def start(self) -> None:
+        """Start the nodes, assign the slots, join them and wait for ``cluster_state:ok``.
+
+        Raises:
+            RuntimeError: a binary is missing, or the cluster did not come up.
+        """
+        try:
+            for node in self.nodes:
+                node.start()
+            size = len(self.nodes)
+            clients = [node.client() for node in self.nodes]
+            try:
+                for index, client in enumerate(clients):
+                    first, last = index * _SLOTS // size, (index + 1) * _SLOTS // size
+                    _cluster(client, "ADDSLOTS", *range(first, last))
+                    _cluster(client, "SET-CONFIG-EPOCH", index + 1)
+                for node in self.nodes[1:]:
+                    _cluster(clients[0], "MEET", "127.0.0.1", node.port)
+                self._wait_until_ok(clients)
+            finally:
+                for client in clients:
+                    client.close()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ok(self, clients: list[redis.Redis]) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        size = str(len(clients))
+        while True:
+            infos = [
+                dict(
+                    line.split(":", 1)
+                    for line in _cluster(client, "INFO").decode().split()
+                    if ":" in line
+                )
+                for client in clients
+            ]
+            if all(
+                info.get("cluster_state") == "ok" and info.get("cluster_known_nodes") == size
+                for info in infos
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster did not come up: {infos}")
+            time.sleep(0.02)
+
+    def flush(self) -> None:
+        """``FLUSHALL`` on every primary."""
+        for node in self.nodes:
+            with node.client() as client:
+                client.flushall()
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+
+
+_clusters: list[RedisCluster] = []
+
+
+def session_cluster() -> RedisCluster:
+    """The cluster shared by the whole test session, started on first use, stopped at exit."""
+    with _session_lock:
+        if not _clusters:
+            directory = Path(tempfile.mkdtemp(prefix="domainpolicy-redis-cluster-"))
+            cluster = RedisCluster(directory)
+            try:
+                cluster.start()
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            atexit.register(_stop_cluster, cluster, directory)
+            _clusters.append(cluster)
+        return _clusters[0]
+
+
+def _stop_cluster(cluster: RedisCluster, directory: Path) -> None:
+    cluster.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def redis_cluster_url(tmp_path: Path) -> str:
+    """Flush every node of the session cluster and return its ``redis+cluster://`` URL (a store
+    factory for the conformance suite)."""
+    cluster = session_cluster()
+    cluster.flush()
+    return cluster.url

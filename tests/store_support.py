@@ -20,7 +20,7 @@ from domainpolicy import (
     open_store,
 )
 from domainpolicy._stores import ObserveItem
-from redis_support import redis_url
+from redis_support import redis_cluster_url, redis_url
 from threads import run_in_threads
 
 StoreUrl = Callable[[Path], str]
@@ -39,6 +39,7 @@ STORE_KINDS: dict[str, tuple[StoreUrl, bool]] = {
     "memory": (memory_url, False),
     "sqlite": (sqlite_url, True),
     "redis": (redis_url, True),
+    "redis-cluster": (redis_cluster_url, True),
 }
 
 SMALL_POLICY = BlockPolicy(

@@ -1,5 +1,6 @@
 """RedisStore against a real redis-server: differential test against MemoryStore, hostile tenant
-ids, failures, script cache loss and durability across a server restart."""
+ids, failures, script cache loss and durability across a server restart.  The differential tests
+run on the test Redis Cluster too (see also tests/test_redis_cluster.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from domainpolicy import (
 )
 from domainpolicy._blockstate import Effects, InvalidEvent
 from domainpolicy._redis_store import RedisStore, _Wire
-from redis_support import RedisServer, redis_url, session_server
+from redis_support import RedisServer, redis_cluster_url, redis_url, session_server
 from store_support import BATCH_POLICY
 from threads import run_in_threads
 
@@ -78,10 +79,10 @@ DOMAINS = [f"{c}.example" for c in "abcdefghij"]
 _tenant_ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def shared_redis() -> Iterator[tuple[RedisStore, RedisStore]]:
-    """Two stores on one server: two MTAs sharing the state."""
-    url = redis_url(Path())
+@pytest.fixture(scope="module", params=["redis", "redis-cluster"])
+def shared_redis(request: pytest.FixtureRequest) -> Iterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one server (or on the test Redis Cluster): two MTAs sharing the state."""
+    url = (redis_cluster_url if request.param == "redis-cluster" else redis_url)(Path())
     with (
         RedisStore.from_url(url, server_time=False, prefix="diff:") as one,
         RedisStore.from_url(url, server_time=False, prefix="diff:") as two,
@@ -730,6 +731,7 @@ def test_packed_round_that_times_out_closes_and_releases_its_connection(url: str
         redis.Redis.from_url(url) as admin,
     ):
         store.observe_many(machine, [("u", True, None, 1)], NOW)
+        assert isinstance(store._client, redis.Redis)
         pool = store._client.connection_pool
         admin.client_pause(1500, all=False)  # write commands (EVALSHA) wait
         try:

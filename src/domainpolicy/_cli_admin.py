@@ -620,8 +620,8 @@ def _add_tenant_common(parser: argparse.ArgumentParser, *, config_required: bool
     parser.add_argument(
         "--store",
         metavar="URL",
-        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB); "
-        "default: the configured one",
+        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB, "
+        "redis+cluster://HOST:PORT[,HOST:PORT...]); default: the configured one",
     )
     _add_json(parser)
 

@@ -68,9 +68,10 @@ replies with that connection's ``read_response`` (redis-py's parser: RESP2 or RE
 a few per cent faster, the replies being read while the server still runs the later scripts).
 A round is never sent again: a connection that fails or times out is closed and the round's
 items get `StoreUnavailable` (redis-py's pipeline would retry if the client's ``retry`` allowed
-it; the store's own clients have retries off).  Any other client (``redis.RedisCluster``, a
-subclass or a fake of ``redis.Redis``, a pool with client-side caching) keeps redis-py's
-pipeline; both send the same commands and get the same results.
+it; the store's own clients have retries off).  On a ``redis.RedisCluster`` the round is packed
+the same way and split by node (see Redis Cluster below).  Any other client (a subclass or a
+fake of ``redis.Redis``, a pool with client-side caching) keeps redis-py's pipeline; both send
+the same commands and get the same results.
 
 Server time and clock skew
 --------------------------
@@ -84,12 +85,36 @@ longer (fails closed).  ``server_time=False`` uses the caller's ``now`` (determi
 
 Redis Cluster
 -------------
-Every script touches the keys of one tenant only, all in one slot (hash tag), so the scripts run
-unchanged on Redis Cluster (pass a ``redis.RedisCluster`` client).  The ``tenants`` set is the
-one key outside the tenant's slot: it is written with a separate command (before the first write
-for a tenant in each process, and again when a script reports that it created the tenant), and
-`RedisStore.tenants` (an admin operation: ``SMEMBERS`` plus an ``EXISTS`` per member) lists the
-members that have a stored state.
+Open it with ``redis+cluster://host:port[,host:port...]/0`` (``rediss+cluster://`` for TLS;
+`RedisStore.from_cluster_url`, `open_store`), or pass a ``redis.RedisCluster`` client.  Every
+script touches the keys of one tenant only, all in one slot (hash tag), so the scripts run
+unchanged; ``SCRIPT LOAD`` after a ``NOSCRIPT`` goes to every primary.  The ``tenants`` set is
+the one key outside the tenant's slot: it is written with a separate command (before the first
+write for a tenant in each process, and again when a script reports that it created the
+tenant), and `RedisStore.tenants` (an admin operation: ``SMEMBERS`` plus an ``EXISTS`` per
+member) lists the members that have a stored state.
+
+`RedisStore.observe_many` does not use redis-py's cluster pipeline: redis-py refuses ``EVALSHA``
+in it ("Calling pipelined function evalsha is blocked when running redis in cluster mode", so
+every batched item would be a temporary failure), and it sends again, one by one, every command
+of a node whose connection failed or timed out -- a script that may have run would be counted
+twice.  The store
+splits a round by the primary that serves each tenant's slot (from the client's slot table),
+writes each node's share on a connection of that node's pool, all nodes before reading any
+reply, and never sends a command again: a node that fails or times out gives its items
+`StoreUnavailable`, the other nodes' items are answered.  A ``MOVED``, ``ASK``, ``TRYAGAIN`` or
+``CLUSTERDOWN`` reply means the script did not run: the store refreshes the slot table and sends
+the tenant's items again in the next round (three times at most, then `StoreUnavailable`).  The
+order of a tenant's items is kept: they all go to the one node of its slot.
+
+With ``server_time=True`` a tenant's window follows the ``TIME`` of the primary holding its slot;
+`RedisStore.now` reads the client's default node.  Keep the nodes' clocks in sync (NTP), as
+for the MTAs themselves.  The cluster client connects when the store is opened (it needs the
+slot table): an unreachable cluster is a `StoreUnavailable` from `open_store`.  Redis Cluster has
+one database: a cluster URL naming another one is an `InvalidConfiguration`.  A
+``redis.RedisCluster`` client given to the store should have retries off
+(``retry=Retry(NoBackoff(), 0)``, as the store's own clients), or a timed-out single ``observe``
+may be sent twice.
 
 Fail-over and what it can lose
 ------------------------------
@@ -105,9 +130,10 @@ server, not fail-over.
 
 Failures
 --------
-Every Redis error -- cannot connect, timed out (``socket_timeout`` and
-``socket_connect_timeout`` default to 0.5 s, and redis-py's own retries are off so that a script
-that may have run is never sent twice), a script error, corrupt data -- is raised as
+Every Redis error (and redis-py's ``RedisClusterException``) -- cannot connect, timed out
+(``socket_timeout`` and ``socket_connect_timeout`` default to 0.5 s, and redis-py's own retries
+are off so that a script that may have run is never sent twice), a script error, corrupt data --
+is raised as
 `StoreUnavailable`; the policy answers such a message with a temporary failure.
 """
 
@@ -122,13 +148,21 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, cast
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
 
 from ._blockstate import (
@@ -160,6 +194,16 @@ DEFAULT_PREFIX: Final = "dp:"
 
 DEFAULT_TIMEOUT: Final = 0.5
 """Default socket and connect timeout in seconds: an MTA never waits longer on Redis."""
+
+_ERRORS: Final = (redis.RedisError, RedisClusterException)
+"""What redis-py raises: ``RedisClusterException`` (no slot covered, no node reachable while the
+cluster client refreshes its topology) is not a ``RedisError``."""
+
+_NOT_RUN: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
+"""Cluster error replies to a script that did not run: its slot moved, is migrating, or the
+cluster is down.  A batch sends the script again (bounded) after refreshing the slot table."""
+
+_CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
 
 _SAFE: Final = "-._~@+=:"
 _MAX_WEIGHT: Final = 2**31 - 1
@@ -393,10 +437,60 @@ def _limit_args(policy: BlockPolicy) -> tuple[str, ...]:
     )
 
 
+def _cluster_url(url: str) -> tuple[str, list[ClusterNode]]:
+    """Split ``redis+cluster://[userinfo@]host:port[,host:port...][/0][?query]`` into a
+    ``redis://`` URL of the first node (with the userinfo, path and query, for
+    ``redis.RedisCluster(url=...)``) and the other startup nodes.
+
+    Raises:
+        InvalidConfiguration: no scheme of a cluster, a bad host or port, a database other
+            than 0.
+    """
+    if not url.startswith(_CLUSTER_SCHEMES):
+        raise InvalidConfiguration(
+            [f"store url {url!r}: a Redis Cluster URL starts with redis+cluster:// or "
+             "rediss+cluster://"],
+            source="RedisStore",
+        )  # fmt: skip
+    scheme = url[: url.index("+cluster://")]
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    problems: list[str] = []
+    nodes: list[ClusterNode] = []
+    for host_port in hosts.split(","):
+        try:
+            split = urlsplit(f"//{host_port}")
+            host, port = split.hostname, split.port
+        except ValueError as exc:
+            problems.append(f"node {host_port!r}: {exc}")
+            continue
+        if not host or split.username is not None or split.path:
+            problems.append(f"node {host_port!r}: expected host:port")
+            continue
+        node: Any = ClusterNode  # untyped
+        nodes.append(node(host, port or 6379))
+    databases = parse_qs(parts.query).get("db", [])
+    if parts.path not in ("", "/"):
+        databases.insert(0, parts.path[1:])
+    for database in databases:
+        if database != "0":
+            problems.append(
+                f"database {database!r}: Redis Cluster has only database 0 "
+                "(end the URL with /0 or no path)"
+            )
+    if problems:
+        raise InvalidConfiguration(
+            [f"store url {url!r}: {problem}" for problem in problems], source="RedisStore"
+        )
+    query = f"?{parts.query}" if parts.query else ""
+    first = f"{scheme}://{userinfo}{at}{hosts.split(',')[0]}{parts.path}{query}"
+    return first, nodes[1:]
+
+
 class _Keys:
     """The keys of one tenant (all in one Cluster slot)."""
 
-    __slots__ = ("audit", "batched", "scripted", "state", "wire")
+    __slots__ = ("audit", "batched", "scripted", "slot", "state", "wire")
 
     def __init__(self, prefix: str, tenant: str) -> None:
         base = f"{prefix}{{{quote(tenant, safe=_SAFE)}}}:"
@@ -405,6 +499,7 @@ class _Keys:
         self.scripted = [self.state, base + "bt", base + "bu", base + "dom"]
         self.batched = [*self.scripted, base + "seq"]
         self.wire: bytes | None = None  # `batched` packed by `_Wire.item`
+        self.slot = -1  # the Cluster slot (-1: not computed yet)
 
 
 _Prepared = tuple[_Keys, list[str], bytes]
@@ -434,20 +529,37 @@ class _Wire:
     on the wire are those redis-py would send for the same ``evalsha`` call.
 
     Only for a client whose type is exactly ``redis.Redis`` on a ``redis.ConnectionPool`` without
-    client-side caching or an ``EVALSHA`` response callback (`of`); anything else -- Redis
-    Cluster, a subclass, a fake -- keeps redis-py's pipeline.
+    client-side caching or an ``EVALSHA`` response callback (`of`), and for a
+    ``redis.RedisCluster`` (`of_cluster`: each node's share of a round is written on a connection
+    of that node's pool); anything else -- a subclass or a fake of ``redis.Redis`` -- keeps
+    redis-py's pipeline.
     """
 
     __slots__ = ("_encoding", "_errors", "_heads", "_limits", "_name", "pool")
 
-    def __init__(self, pool: redis.ConnectionPool, name: tuple[str, ...]) -> None:
-        encoder = pool.get_encoder()
+    def __init__(
+        self,
+        encoding: str,
+        errors: str,
+        name: tuple[str, ...],
+        pool: redis.ConnectionPool | None,
+    ) -> None:
         self.pool = pool
-        self._encoding: str = encoder.encoding
-        self._errors: str = encoder.encoding_errors
+        self._encoding = encoding
+        self._errors = errors
         self._name = name  # redis-py < 5.3 wants a command name for get_connection
         self._heads: dict[str, bytes] = {}
         self._limits: dict[BlockPolicy, bytes] = {}
+
+    @staticmethod
+    def _connection_name(get_connection: Callable[..., object]) -> tuple[str, ...] | None:
+        """The arguments *get_connection* (a pool's) needs (None: an unknown signature)."""
+        try:
+            parameter = inspect.signature(get_connection).parameters.get("command_name")
+        except (TypeError, ValueError):  # pragma: no cover - no signature
+            return None
+        needs_name = parameter is not None and parameter.default is inspect.Parameter.empty
+        return ("EVALSHA",) if needs_name else ()
 
     @classmethod
     def of(cls, client: object) -> _Wire | None:
@@ -461,12 +573,19 @@ class _Wire:
             or "EVALSHA" in client.response_callbacks
         ):
             return None
-        try:
-            parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
-        except (TypeError, ValueError):  # pragma: no cover - a pool without a signature
+        name = cls._connection_name(pool.get_connection)
+        if name is None:  # pragma: no cover - a pool without a signature
             return None
-        needs_name = parameter is not None and parameter.default is inspect.Parameter.empty
-        return cls(pool, ("EVALSHA",) if needs_name else ())
+        encoder = pool.get_encoder()
+        return cls(encoder.encoding, encoder.encoding_errors, name, pool)
+
+    @classmethod
+    def of_cluster(cls, client: redis.RedisCluster) -> _Wire:
+        """A packer for the rounds of a Redis Cluster client: no pool of its own, `send` is
+        given the pool of each node."""
+        encoder = client.encoder
+        name = cls._connection_name(redis.ConnectionPool.get_connection)
+        return cls(encoder.encoding, encoder.encoding_errors, name or (), None)
 
     def bulk(self, text: str) -> bytes:
         """*text* encoded as the client encodes arguments, as one RESP bulk string."""
@@ -507,17 +626,42 @@ class _Wire:
         return packed
 
     def round(self, commands: bytes, count: int) -> list[object]:
-        """Send *count* packed commands at once and read their replies in order (the exception
-        object of an error reply in its place).
+        """Send *count* packed commands at once on the client's pool and read their replies in
+        order (the exception object of an error reply in its place).
 
         Raises:
             redis.RedisError: the connection failed or timed out (it is closed: it may hold
                 replies not read).
         """
-        pool = self.pool
+        assert self.pool is not None
+        return self.receive(self.pool, self.send(self.pool, commands), count)
+
+    def send(self, pool: redis.ConnectionPool, commands: bytes) -> Any:
+        """Write packed *commands* on a connection of *pool*; return the connection (for
+        `receive`, which gives it back).
+
+        Raises:
+            redis.RedisError: the connection failed (it is closed and given back).
+        """
         connection: Any = pool.get_connection(*self._name)  # its methods are untyped
         try:
             connection.send_packed_command([commands])
+        except BaseException:
+            connection.disconnect()
+            pool.release(connection)
+            raise
+        return connection
+
+    @staticmethod
+    def receive(pool: redis.ConnectionPool, connection: Any, count: int) -> list[object]:
+        """Read the *count* replies of what `send` wrote on *connection*, in order (the exception
+        object of an error reply in its place), and give the connection back to *pool*.
+
+        Raises:
+            redis.RedisError: the connection failed or timed out (it is closed: it may hold
+                replies not read).
+        """
+        try:
             read = connection.read_response
             replies: list[object] = []
             for _ in range(count):
@@ -560,7 +704,7 @@ class RedisStore(StateStore):
 
     def __init__(
         self,
-        client: redis.Redis | None = None,
+        client: redis.Redis | redis.RedisCluster | None = None,
         *,
         host: str = "127.0.0.1",
         port: int = 6379,
@@ -596,7 +740,8 @@ class RedisStore(StateStore):
                 socket_connect_timeout=connect_timeout,
                 retry=Retry(NoBackoff(), 0),
             )
-        self._client: redis.Redis = client
+        self._client: redis.Redis | redis.RedisCluster = client
+        self._cluster = isinstance(client, redis.RedisCluster)
         self.prefix = prefix
         self.server_time = bool(server_time)
         self.max_attempts = max_attempts
@@ -613,8 +758,11 @@ class RedisStore(StateStore):
         # observe_many: unique round tokens (this process and store, then a counter)
         self._token_base = f"{os.getpid():x}.{os.urandom(6).hex()}."
         self._rounds = itertools.count()
-        # observe_many's rounds packed by hand on a plain redis.Redis, else redis-py's pipeline
-        self._wire = _Wire.of(client)
+        # observe_many's rounds packed by hand on a plain redis.Redis and on Redis Cluster (per
+        # node), else redis-py's pipeline
+        self._wire = (
+            _Wire.of_cluster(client) if isinstance(client, redis.RedisCluster) else _Wire.of(client)
+        )
 
     @classmethod
     def from_url(
@@ -630,10 +778,23 @@ class RedisStore(StateStore):
     ) -> RedisStore:
         """Open a store from ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS) or
         ``unix:///path/to/socket?db=N``; extra keyword arguments go to ``redis.Redis.from_url``.
+        A ``redis+cluster://`` or ``rediss+cluster://`` URL opens a Redis Cluster
+        (`from_cluster_url`).
 
         Raises:
             InvalidConfiguration: the URL or an option is invalid.
+            StoreUnavailable: a cluster URL whose nodes cannot be reached.
         """
+        if url.startswith(_CLUSTER_SCHEMES):
+            return cls.from_cluster_url(
+                url,
+                prefix=prefix,
+                server_time=server_time,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                max_attempts=max_attempts,
+                **redis_options,
+            )
         try:
             client = redis.Redis.from_url(
                 url,
@@ -644,6 +805,70 @@ class RedisStore(StateStore):
             )
         except (ValueError, TypeError) as exc:
             raise InvalidConfiguration([f"store url {url!r}: {exc}"], source="RedisStore") from exc
+        try:
+            store = cls(
+                client,
+                prefix=prefix,
+                server_time=server_time,
+                socket_timeout=socket_timeout,
+                connect_timeout=connect_timeout,
+                max_attempts=max_attempts,
+            )
+        except BaseException:
+            client.close()
+            raise
+        store._owns_client = True
+        return store
+
+    @classmethod
+    def from_cluster_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        server_time: bool = True,
+        socket_timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_TIMEOUT,
+        max_attempts: int = 100,
+        **redis_options: Any,
+    ) -> RedisStore:
+        """Open a store on a Redis Cluster from
+        ``redis+cluster://[user:password@]host:port[,host:port...][/0][?option=value&...]``
+        (``rediss+cluster://`` for TLS).  Every ``host:port`` (port 6379 when left out) is a
+        startup node: the client asks the first one that answers for the cluster's slot table.
+        The query options are those of ``redis://`` URLs; extra keyword arguments go to
+        ``redis.RedisCluster``.  A cluster has only database 0: any other database is refused.
+        The timeouts and the no-retry policy are those of `from_url`: a script that may have
+        run is never sent again.
+
+        Unlike `from_url`, this connects at once (the client needs the slot table).
+
+        Raises:
+            InvalidConfiguration: the URL or an option is invalid, or the nodes are not in
+                cluster mode.
+            StoreUnavailable: no startup node can be reached.
+        """
+        first, others = _cluster_url(url)
+        try:
+            client = redis.RedisCluster(
+                url=first,
+                startup_nodes=others,
+                retry=Retry(NoBackoff(), 0),
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                **redis_options,
+            )
+        except (ValueError, TypeError) as exc:
+            raise InvalidConfiguration([f"store url {url!r}: {exc}"], source="RedisStore") from exc
+        except _ERRORS as exc:
+            if "cluster mode is not enabled" in str(exc).lower():
+                raise InvalidConfiguration(
+                    [f"store url {url!r}: the server is not in cluster mode: use redis://"],
+                    source="RedisStore",
+                ) from exc
+            raise StoreUnavailable(
+                f"Redis store unreachable: cannot open the cluster of {url!r}: {exc}"
+            ) from exc
         try:
             store = cls(
                 client,
@@ -696,7 +921,7 @@ class RedisStore(StateStore):
             return
         try:
             self._client.sadd(self._registry, tenant)
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail("tenant registration", exc) from exc
         self._known.add(tenant)
 
@@ -751,7 +976,7 @@ class RedisStore(StateStore):
     def _read(self, tenant: str, keys: _Keys) -> _Snapshot:
         try:
             reply = self._snapshot(keys=keys.scripted, args=[])
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail(f"read of tenant {shown(tenant)}", exc) from exc
         if not isinstance(reply, list) or len(reply) != 4:
             raise StoreUnavailable(f"Redis store: unexpected snapshot reply {shown(reply)}")
@@ -791,7 +1016,7 @@ class RedisStore(StateStore):
         args += [json.dumps(r.to_dict(), separators=(",", ":")) for r in records]
         try:
             result = self._commit(keys=[*keys.scripted, keys.audit], args=args)
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail(f"write of tenant {shown(tenant)}", exc) from exc
         if not isinstance(result, int) or result == -1:
             return None
@@ -848,7 +1073,7 @@ class RedisStore(StateStore):
         self._check_open()
         try:
             seconds, micros = self._client.time()
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail("TIME", exc) from exc
         return float(seconds) + int(micros) / 1000000
 
@@ -986,7 +1211,7 @@ class RedisStore(StateStore):
             args[-1] = "" if held is None else str(held[0])
             try:
                 reply = self._observe(keys=keys.scripted, args=args)
-            except redis.RedisError as exc:
+            except _ERRORS as exc:
                 raise self._fail(f"observe for tenant {shown(tenant)}", exc) from exc
             outcome, created = self._settle(
                 machine, tenant, keys, reply, registered, registrable, weight
@@ -1011,17 +1236,17 @@ class RedisStore(StateStore):
         trip for the whole batch when nothing changes state.
 
         The batch is sent in *rounds*, each one ``EVALSHA`` per pending item in one write
-        (packed by the store on a plain ``redis.Redis``, else redis-py's non-transactional
-        pipeline; see the module docstring), the replies processed in order.  Every script of a
-        round carries the round's token and its rank ``k`` among that tenant's items in the round;
-        the script applies item ``k > 0`` only if the tenant's ``k`` earlier items of the round
-        were all applied (a counter under the token in ``<prefix>{<tenant>}:seq``), and
-        otherwise answers ``deferred`` and applies nothing.  So when an item takes the slow
-        path (it would block, suspend or warn: the script applies nothing and Python runs the
-        machine and a compare-and-set), or fails, or met a flushed script cache, the tenant's
-        later items of the round are not counted against the state before it: they go to the
-        next round, after the slow item has been written.  Other MTAs may interleave their
-        observations anywhere, exactly as between calls to `observe`.
+        (packed by the store on a plain ``redis.Redis`` and, per node, on Redis Cluster, else
+        redis-py's non-transactional pipeline; see the module docstring), the replies processed
+        in order.  Every script of a round carries the round's token and its rank ``k`` among
+        that tenant's items in the round; the script applies item ``k > 0`` only if the tenant's
+        ``k`` earlier items of the round were all applied (a counter under the token in
+        ``<prefix>{<tenant>}:seq``), and otherwise answers ``deferred`` and applies nothing.  So
+        when an item takes the slow path (it would block, suspend or warn: the script applies
+        nothing and Python runs the machine and a compare-and-set), or fails, or met a flushed
+        script cache, the tenant's later items of the round are not counted against the state
+        before it: they go to the next round, after the slow item has been written.  Other MTAs
+        may interleave their observations anywhere, exactly as between calls to `observe`.
 
         The results (decisions, effects, audit records, final states) are those of calling
         `observe` for each item in turn.  Each item is validated as `observe` validates it
@@ -1057,7 +1282,7 @@ class RedisStore(StateStore):
         if unknown:
             try:
                 self._client.sadd(self._registry, *unknown)
-            except redis.RedisError as exc:
+            except _ERRORS as exc:
                 failed = self._fail("tenant registration", exc)
                 for index in [i for i in prepared if batch[i][0] in unknown]:
                     results[index] = failed
@@ -1082,7 +1307,9 @@ class RedisStore(StateStore):
                     retry.append(index)
                     waiting.add(tenant)
                     continue
-                if isinstance(reply, NoScriptError):  # the script cache was flushed: not run
+                if isinstance(reply, NoScriptError) or (
+                    self._cluster and isinstance(reply, _NOT_RUN)
+                ):  # the script cache was flushed, or the slot moved: not run
                     if reloads >= 3:
                         results[index] = self._fail(f"observe for tenant {shown(tenant)}", reply)
                         continue
@@ -1093,6 +1320,9 @@ class RedisStore(StateStore):
                     results[index] = StoreUnavailable(
                         f"Redis store: batch order broken for tenant {shown(tenant)}"
                     )
+                    continue
+                if isinstance(reply, StoreUnavailable):  # its node failed (Cluster)
+                    results[index] = reply
                     continue
                 if isinstance(reply, Exception):
                     results[index] = self._fail(f"observe for tenant {shown(tenant)}", reply)
@@ -1124,15 +1354,27 @@ class RedisStore(StateStore):
                 reloads += 1
                 try:
                     self._observe.sha = self._client.script_load(_OBSERVE_LUA)
-                except redis.RedisError as exc:
+                except _ERRORS as exc:
                     failed = self._fail("script load", exc)
+                    for index in retry:
+                        results[index] = failed
+                    retry = []
+            elif isinstance(self._client, redis.RedisCluster) and any(
+                isinstance(r, _NOT_RUN) for r in replies
+            ):
+                reloads += 1  # the slot table is stale, or a slot is migrating: refresh it
+                time.sleep(0.01 * reloads)
+                try:
+                    self._client.nodes_manager.initialize()
+                except _ERRORS as exc:
+                    failed = self._fail("cluster slot table refresh", exc)
                     for index in retry:
                         results[index] = failed
                     retry = []
             if created:
                 try:
                     self._client.sadd(self._registry, *created)
-                except redis.RedisError as exc:
+                except _ERRORS as exc:
                     failed = self._fail("tenant registration", exc)
                     for indexes in created.values():
                         for index in indexes:
@@ -1152,9 +1394,11 @@ class RedisStore(StateStore):
         replies in order (an exception object for an item whose script failed), or the
         `StoreUnavailable` of a failed round trip.
 
-        On a plain ``redis.Redis`` the round is packed by `_Wire` and sent in one write; on any
-        other client (Redis Cluster, a subclass) it goes through redis-py's pipeline.  Both send
-        the same commands and return the same replies."""
+        On a plain ``redis.Redis`` the round is packed by `_Wire` and sent in one write, on Redis
+        Cluster packed and split by node (`_cluster_round`; a node's failure is the
+        `StoreUnavailable` in place of each of its items' replies); on any other client (a
+        subclass) it goes through redis-py's pipeline.  All send the same commands and return
+        the same replies."""
         token = f"{self._token_base}{next(self._rounds)}"
         total: dict[str, int] = {}
         for index in pending:
@@ -1189,10 +1433,71 @@ class RedisStore(StateStore):
                     _MORE if k + 1 < total[tenant] else _LAST,
                 )
             )
+        if isinstance(self._client, redis.RedisCluster):
+            return self._cluster_round(self._client, wire, prepared, pending, commands)
         try:
             return wire.round(b"".join(commands), len(commands))
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             return self._fail(f"observe batch of {len(pending)}", exc)
+
+    def _cluster_round(
+        self,
+        client: redis.RedisCluster,
+        wire: _Wire,
+        prepared: Mapping[int, _Prepared],
+        pending: Sequence[int],
+        commands: Sequence[bytes],
+    ) -> list[object]:
+        """`_round` on Redis Cluster: each node's commands (the items whose tenant's slot it
+        serves, in batch order) are written on a connection of that node's pool, to every node
+        before any reply is read; then the replies are read node by node.
+
+        Nothing is ever sent twice (redis-py's cluster pipeline sends every command of a node
+        whose connection failed or timed out again, one by one: a script that may have run would
+        be counted twice).  The items of a node that cannot be reached, or whose replies do not
+        come in time, get the `StoreUnavailable` in place of their reply; the other nodes' items
+        are answered."""
+        replies: list[object] = [None] * len(pending)
+        groups: dict[str, tuple[redis.ConnectionPool, list[int]]] = {}
+        for position, index in enumerate(pending):
+            keys = prepared[index][0]
+            try:
+                if keys.slot < 0:
+                    keyslot: Any = client.keyslot  # untyped
+                    keys.slot = keyslot(keys.state)
+                node = client.nodes_manager.get_node_from_slot(keys.slot)
+                pool = client.get_redis_connection(node).connection_pool
+            except _ERRORS as exc:
+                replies[position] = self._fail("observe batch: no node for the slot", exc)
+                continue
+            groups.setdefault(node.name, (pool, []))[1].append(position)
+        sent: list[tuple[str, redis.ConnectionPool, Any, list[int]]] = []
+        try:
+            for name, (pool, positions) in groups.items():
+                try:
+                    connection = wire.send(pool, b"".join(commands[p] for p in positions))
+                except _ERRORS as exc:
+                    failed = self._fail(f"observe batch of {len(positions)} on {name}", exc)
+                    for position in positions:
+                        replies[position] = failed
+                    continue
+                sent.append((name, pool, connection, positions))
+            while sent:
+                name, pool, connection, positions = sent.pop(0)
+                try:
+                    got = wire.receive(pool, connection, len(positions))
+                except _ERRORS as exc:
+                    failed = self._fail(f"observe batch of {len(positions)} on {name}", exc)
+                    for position in positions:
+                        replies[position] = failed
+                    continue
+                for position, reply in zip(positions, got, strict=True):
+                    replies[position] = reply
+        finally:
+            for _, pool, connection, _ in sent:  # interrupted: replies left unread
+                connection.disconnect()
+                pool.release(connection)
+        return replies
 
     def _pipelined(
         self,
@@ -1202,7 +1507,7 @@ class RedisStore(StateStore):
         token: str,
         total: Mapping[str, int],
     ) -> list[object] | StoreUnavailable:
-        """`_round` through redis-py's pipeline (any client: Redis Cluster, subclasses)."""
+        """`_round` through redis-py's pipeline (other clients: subclasses, fakes)."""
         rank: dict[str, int] = {}
         sha = self._observe.sha
         try:
@@ -1224,7 +1529,7 @@ class RedisStore(StateStore):
                         "1" if k + 1 < total[tenant] else "0",
                     )
                 replies: list[object] = pipe.execute(raise_on_error=False)
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             return self._fail(f"observe batch of {len(pending)}", exc)
         return replies
 
@@ -1283,7 +1588,7 @@ class RedisStore(StateStore):
         keys = self._tenant_keys(tenant)
         try:
             rows = self._client.lrange(keys.audit, -int(limit) if limit else 0, -1)
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail(f"history of tenant {shown(tenant)}", exc) from exc
         try:
             return [AuditRecord.from_dict(json.loads(_text(row))) for row in rows]
@@ -1304,7 +1609,7 @@ class RedisStore(StateStore):
             for member in members:
                 pipe.exists(_Keys(self.prefix, member).state)
             present = pipe.execute()
-        except redis.RedisError as exc:
+        except _ERRORS as exc:
             raise self._fail("tenants", exc) from exc
         except (TypeError, UnicodeDecodeError) as exc:
             raise StoreUnavailable(f"Redis store: corrupt tenant registry: {exc}") from exc

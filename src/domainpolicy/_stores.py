@@ -847,7 +847,8 @@ class SQLiteStore(StateStore):
 
 def open_store(url: str, **options: Any) -> StateStore:
     """Open a store from a URL: ``memory:``, ``sqlite:///absolute/path.db``,
-    ``sqlite:relative/path.db``, or ``redis://host:port/db`` (``rediss://`` for TLS).
+    ``sqlite:relative/path.db``, ``redis://host:port/db`` (``rediss://`` for TLS), or a Redis
+    Cluster: ``redis+cluster://host:port[,host:port...]/0`` (``rediss+cluster://`` for TLS).
 
     Raises:
         InvalidConfiguration: the URL's scheme is unknown, or Redis support is not installed.
@@ -862,7 +863,9 @@ def open_store(url: str, **options: Any) -> StateStore:
         if not path:
             raise InvalidConfiguration([f"store url {url!r}: no SQLite file path"])
         return SQLiteStore(path, **options)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ):
         try:
             from ._redis_store import RedisStore
         except ImportError as exc:
@@ -871,5 +874,8 @@ def open_store(url: str, **options: Any) -> StateStore:
             ) from exc
         return RedisStore.from_url(url, **options)
     raise InvalidConfiguration(
-        [f"store url {url!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB"]
+        [
+            f"store url {url!r}: expected memory:, sqlite:PATH, redis://HOST:PORT/DB or "
+            "redis+cluster://HOST:PORT[,HOST:PORT...]/0"
+        ]
     )
