@@ -12,7 +12,12 @@ Servers measured (``--servers``, default all):
   and `RelayPolicy`) with that store, ``--log-level warning``; every request is a new message
   (its own ``instance``) from one of 1,000 tenants' accepted domains, so every request is a
   decision that counts in the store.  Redis: a ``redis-server`` started on a free loopback
-  port (skipped if it is not installed).
+  port (skipped if it is not installed).  These run with `make_handler`'s group commit
+  (requests that arrive while a decision runs are decided together by one
+  `RelayPolicy.evaluate_many`, up to 256);
+* ``sqlite-nobatch``, ``redis-nobatch``: the same with ``--max-batch 1`` (each request decided
+  alone in its own worker thread hop, as before group commit), so one run measures batching
+  on and off side by side; the script prints the on/off throughput ratio per level.
 
 The load generator is one thread driving non-blocking sockets with `selectors` (a few
 microseconds of Python per request), so most of the machine goes to the server; it still runs
@@ -21,6 +26,7 @@ on the same cores.
     python benchmarks/bench_policy_server.py            # 20000 requests per level
     python benchmarks/bench_policy_server.py --quick    # 4000 requests per level
     python benchmarks/bench_policy_server.py --log      # with the per-request INFO log line
+    python benchmarks/bench_policy_server.py --servers sqlite,sqlite-nobatch --levels 1,10,50
 """
 
 from __future__ import annotations
@@ -176,18 +182,21 @@ def run_level(
 
 def measure(
     name: str, port: int, total: int, levels: Sequence[int], make: Callable[[int, int], bytes]
-) -> None:
-    """Warm up, then print one table row per concurrency level."""
+) -> dict[int, float]:
+    """Warm up, then print one table row per concurrency level; the requests/s per level."""
     run_level(port, 2, 200, make)
+    rates: dict[int, float] = {}
     for connections in levels:
         elapsed, lat = run_level(port, connections, max(1, total // connections), make)
         lat.sort()
         q = statistics.quantiles(lat, n=100)
+        rates[connections] = len(lat) / elapsed
         print(
             f"| {name} | {connections} | {len(lat) / elapsed:,.0f} | {q[49] * 1000:.3f} "
             f"| {q[98] * 1000:.3f} | {lat[-1] * 1000:.3f} |",
             flush=True,
         )
+    return rates
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -195,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4000 requests per level")
     parser.add_argument("--log", action="store_true", help="enable the per-request log line")
-    parser.add_argument("--servers", default="trivial,memory,sqlite,redis")
+    parser.add_argument(
+        "--servers", default="trivial,memory,sqlite,sqlite-nobatch,redis,redis-nobatch"
+    )
     parser.add_argument("--levels", default="1,10,50")
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -212,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = Path(scratch) / "tenants.toml"
         config.write_text(config_text())
         redis: tuple[subprocess.Popen[bytes], str] | None = None
+        rates: dict[str, dict[int, float]] = {}
         try:
             for name in servers:
                 if name == "trivial":
@@ -219,15 +231,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                     argv += ["--log"] if args.log else []
                     make: Callable[[int, int], bytes] = lambda _c, _n: REQUEST  # noqa: E731
                 else:
-                    if name == "memory":
+                    store, _, variant = name.partition("-")
+                    if variant not in ("", "nobatch"):
+                        raise SystemExit(f"unknown server {name!r}")
+                    if store == "memory":
                         url = "memory:"
-                    elif name == "sqlite":
+                    elif store == "sqlite":
                         url = f"sqlite:{scratch}/state-{len(os.listdir(scratch))}.sqlite3"
-                    elif name == "redis":
+                    elif store == "redis":
                         if redis is None:
                             redis = _support.start_redis(scratch)
                         if redis is None:
-                            print("| redis | - | redis-server not installed | | | |")
+                            print(f"| {name} | - | redis-server not installed | | | |")
                             continue
                         url = redis[1]
                     else:
@@ -235,11 +250,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                     argv = [sys.executable, "-m", "domainpolicy", "serve", "--config", str(config)]
                     argv += ["--listen", "127.0.0.1:0", "--store", url]
                     argv += ["--log-level", "info" if args.log else "warning"]
+                    argv += ["--max-batch", "1"] if variant == "nobatch" else []
                     make = request
                 with open(os.devnull, "wb") as sink:
                     child, port = start_server(argv, stderr=sink.fileno())
                 try:
-                    measure(name, port, total, levels, make)
+                    rates[name] = measure(name, port, total, levels, make)
                 finally:
                     child.terminate()
                     child.wait()
@@ -249,6 +265,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             if redis is not None:
                 redis[0].terminate()
                 redis[0].wait()
+    print_ratios(rates, levels)
+
+
+def print_ratios(rates: dict[str, dict[int, float]], levels: Sequence[int]) -> None:
+    """Print batching on / off throughput per store and level (measured in this run)."""
+    pairs = [name for name in rates if f"{name}-nobatch" in rates]
+    if not pairs:
+        return
+    print()
+    print("| store | " + " | ".join(f"{c} conn on/off" for c in levels) + " |")
+    print("|---|" + "---:|" * len(levels))
+    for name in pairs:
+        on, off = rates[name], rates[f"{name}-nobatch"]
+        cells = [f"{on[c] / off[c]:.2f}x" for c in levels]
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

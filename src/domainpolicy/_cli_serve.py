@@ -3,13 +3,15 @@
 ::
 
     domainpolicy serve --config tenants.toml --listen 127.0.0.1:10040 [--store URL]
-        [--metrics 127.0.0.1:9100] [--request-timeout 2] [--log-level info]
+        [--metrics 127.0.0.1:9100] [--request-timeout 2] [--max-batch 256] [--log-level info]
 
 It loads the configuration, opens the store (``--store`` or the configured one), builds the
 `RelayPolicy` and serves it with `PolicyServer` and `make_handler`.  Once listening it prints
 one line on stdout (``listening on ADDRESS`` and the metrics URL; ``--json``: an object), so a
 supervisor or a test can wait for it.  Logs (one line per policy request, with the decision's
-tenant, sender domain, verdict, code, reason and latency) go to stderr.
+tenant, sender domain, verdict, code, reason and latency) go to stderr.  With a SQLite or Redis
+store, requests that arrive while a decision is running are decided together, up to
+``--max-batch`` at a time (``make_handler``'s group commit; ``--max-batch 1`` turns it off).
 
 * ``SIGHUP`` re-reads the configuration file, compiles it and swaps the accepted domains,
   connectors and reply texts in atomically (`RelayPolicy.reload`); requests in flight finish
@@ -38,6 +40,7 @@ from ._policy import RelayPolicy
 from ._stores import StateStore, open_store
 from .integrations._metrics import MetricsEndpoint
 from .integrations.postfix import (
+    DEFAULT_MAX_BATCH,
     InstanceCache,
     ListenAddress,
     PolicyServer,
@@ -104,8 +107,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         metavar="URL",
-        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB); "
-        "default: the configured one",
+        help="state store URL (memory:, sqlite:PATH, redis://HOST:PORT/DB, "
+        "redis+cluster://HOST:PORT[,HOST:PORT...]); default: the configured one",
     )
     parser.add_argument(
         "--metrics",
@@ -128,6 +131,14 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         help="messages whose decision is remembered for their other recipients (default 100000)",
     )
     parser.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help="with a SQLite or Redis store, decide requests that arrive while a decision is "
+        f"running together, at most N at a time (default {DEFAULT_MAX_BATCH}; 1: one at a time)",
+    )
+    parser.add_argument(
         "--log-level",
         choices=_LEVELS,
         default="info",
@@ -138,8 +149,15 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 class _Service:
     """The running server's state: the configuration file, the policy and the reload lock."""
 
-    def __init__(self, path: str, config: PolicyConfig, policy: RelayPolicy) -> None:
+    def __init__(
+        self,
+        path: str,
+        config: PolicyConfig,
+        policy: RelayPolicy,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self.path = path
+        self.max_batch = max_batch
         self.config = config
         self.policy = policy
         self.server: PolicyServer | None = None
@@ -149,7 +167,10 @@ class _Service:
     def handler(self) -> PostfixHandler:
         """The Postfix handler for the configuration in force (sharing the per-message cache)."""
         return make_handler(
-            self.policy, cache=self.cache, pinned_certificates=self.config.pinned_certificates
+            self.policy,
+            cache=self.cache,
+            pinned_certificates=self.config.pinned_certificates,
+            max_batch=self.max_batch,
         )
 
     async def reload(self) -> None:
@@ -267,7 +288,7 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        service = _Service(args.config, config, policy)
+        service = _Service(args.config, config, policy, args.max_batch)
         _log.info("serving %s with a %s", args.config, type(store).__name__)
         return asyncio.run(_serve(args, out, service, listen, metrics))
     finally:

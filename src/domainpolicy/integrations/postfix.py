@@ -27,6 +27,14 @@ Design
   temporarily unavailable``) instead of a disconnect: the answer is explicit and immediate,
   Postfix does not retry (which would call the failing handler again and could count the
   message twice) and the problem is logged and counted.
+* Group commit (`make_handler`, stores that do I/O): Postfix opens many policy connections and
+  sends one request at a time on each, so under load many requests wait at once.  A request
+  that arrives when no decision is running is decided at once, alone; requests that arrive
+  while one runs in the worker thread are queued and decided together by one
+  `RelayPolicy.evaluate_many` when it returns (one SQLite transaction, one Redis round trip),
+  at most ``max_batch`` (`DEFAULT_MAX_BATCH`, 256) at a time.  The decisions are those of
+  deciding the requests one by one in arrival order; a waiter that times out does not cancel
+  its batch.
 * Structured logging: one INFO line per request on ``domainpolicy.integrations.postfix``,
   ``key=value`` formatted, with the fields also attached as ``record.policy`` (a dict) for JSON
   formatters.  The handler adds its own fields (tenant, verdict, ...) with `annotate`.
@@ -64,6 +72,7 @@ from ._metrics import MetricsEndpoint, PolicyMetrics
 __all__ = [
     "DECIDING_STATES",
     "DEFAULT_FALLBACK_ACTION",
+    "DEFAULT_MAX_BATCH",
     "KNOWN_ATTRIBUTES",
     "InstanceCache",
     "ListenAddress",
@@ -1395,12 +1404,102 @@ def relay_request(
     )
 
 
+# --------------------------------------------------------------------------- batching
+
+
+DEFAULT_MAX_BATCH: Final = 256
+"""Largest batch `make_handler` decides in one `RelayPolicy.evaluate_many` call."""
+
+
+class _BatchFailed(RuntimeError):
+    """Internal: a batch failed as a whole (a bug); each of its requests gets the fallback."""
+
+
+class _Batcher:
+    """Group commit for a policy whose store does I/O: decide concurrent requests together.
+
+    `submit` queues a request and returns a future for its decision.  A request that arrives
+    while no batch is running starts one at once (a batch of one, decided with
+    `RelayPolicy.evaluate`: no added latency at low load); requests that arrive while a batch is
+    being decided in the worker thread wait and go together, in arrival order, as the next
+    `RelayPolicy.evaluate_many` (at most *max_batch*; the rest waits for the following batch).
+    The decisions are those of calling `RelayPolicy.evaluate` for each request in arrival order.
+
+    The futures belong to the batcher: a waiter must not cancel them (``asyncio.shield``), so a
+    waiter that times out or goes away leaves the batch running.  If deciding a batch raises
+    (it should not: `RelayPolicy.evaluate_many` never raises for its requests), or the driver
+    task is cancelled, every waiter of that batch and of the queue gets `_BatchFailed`.
+    """
+
+    __slots__ = ("_queue", "_task", "max_batch", "policy")
+
+    def __init__(self, policy: RelayPolicy, max_batch: int) -> None:
+        self.policy = policy
+        self.max_batch = max_batch
+        self._queue: list[tuple[RelayRequest, asyncio.Future[Decision]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, relay: RelayRequest) -> asyncio.Future[Decision]:
+        """Queue *relay*; the future completes with its decision (or `_BatchFailed`)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        self._queue.append((relay, future))
+        if self._task is None:
+            self._task = loop.create_task(self._drive())
+        return future
+
+    def _decide(self, relays: list[RelayRequest]) -> list[Decision]:
+        """In the worker thread: one request with `evaluate`, more with `evaluate_many`."""
+        if len(relays) == 1:
+            return [self.policy.evaluate(relays[0])]
+        return self.policy.evaluate_many(relays)
+
+    async def _drive(self) -> None:
+        queue = self._queue
+        batch: list[tuple[RelayRequest, asyncio.Future[Decision]]] = []
+        try:
+            while queue:
+                batch = queue[: self.max_batch]
+                del queue[: self.max_batch]
+                try:
+                    decisions = await asyncio.to_thread(self._decide, [r for r, _ in batch])
+                    if len(decisions) != len(batch):
+                        raise _BatchFailed(
+                            f"{len(decisions)} decisions for a batch of {len(batch)} requests"
+                        )
+                except Exception as exc:
+                    _log.exception("deciding a batch of %d policy requests failed", len(batch))
+                    _fail(batch, exc)
+                else:
+                    for (_, future), decision in zip(batch, decisions, strict=True):
+                        if not future.done():
+                            future.set_result(decision)
+                batch = []
+        except BaseException as exc:  # cancelled (the loop is shutting down): nobody may hang
+            _fail(batch + queue, exc)
+            queue.clear()
+            raise
+        finally:
+            self._task = None
+
+
+def _fail(
+    waiters: Iterable[tuple[RelayRequest, asyncio.Future[Decision]]], cause: BaseException
+) -> None:
+    for _, future in waiters:
+        if not future.done():
+            error = _BatchFailed(f"the batch of policy requests failed: {cause!r}")
+            error.__cause__ = cause
+            future.set_exception(error)
+
+
 def make_handler(
     policy: RelayPolicy,
     *,
     cache: InstanceCache[Decision] | None = None,
     pinned_certificates: Mapping[str, str] | None = None,
     blocking: bool | None = None,
+    max_batch: int | None = None,
 ) -> PostfixHandler:
     """A `PostfixHandler` answering Postfix with *policy*'s decisions.
 
@@ -1417,18 +1516,43 @@ def make_handler(
       ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason`` and ``cached``
       (the decision of an earlier recipient) to the server's line for the request.
     * **Never hangs.**  With a store that does I/O (*blocking*; default: any store but a
-      `MemoryStore`) the policy runs in a worker thread (`RelayPolicy.evaluate_async`) and the
-      server's ``request_timeout`` bounds the wait (answering its fallback ``451 4.3.0``).  A
-      decision that completes after that timeout is still cached for the message's later
-      recipients, so a slow store does not count the message twice.  Store failures are
-      already ``451 4.3.0`` decisions (`RelayPolicy.evaluate` never raises).  A `MemoryStore`
-      is evaluated inline: no thread hop, no I/O to wait for.
+      `MemoryStore`) the policy runs in a worker thread and the server's ``request_timeout``
+      bounds the wait (answering its fallback ``451 4.3.0``).  A decision that completes after
+      that timeout is still cached for the message's later recipients, so a slow store does
+      not count the message twice.  Store failures are already ``451 4.3.0`` decisions
+      (`RelayPolicy.evaluate` never raises).  A `MemoryStore` is evaluated inline: no thread
+      hop, no I/O to wait for, no batching.
+    * **Group commit** (blocking stores).  Requests that arrive while a decision is running in
+      the worker thread are queued and decided together, in arrival order, by one
+      `RelayPolicy.evaluate_many` when it returns (SQLite: one transaction; Redis: one
+      pipelined round trip), at most *max_batch* (default `DEFAULT_MAX_BATCH`, 256) at a time;
+      the rest waits for the following batch.  A request that arrives when nothing is running
+      starts at once, alone (`RelayPolicy.evaluate`), so low load sees no added latency.  The
+      decisions are exactly those of deciding the requests one after the other in arrival
+      order; the other recipients of a message being decided wait for its decision instead
+      of joining a batch.  A request that times out, or whose connection closes, does not
+      cancel its batch.  A batch that fails as a whole (a bug: `RelayPolicy.evaluate_many`
+      never raises for its requests) makes each of its requests raise, which the server
+      answers with its fallback action.  With SQLite a store failure fails the whole batch
+      (each of its messages gets ``451 4.3.0``, none is counted).  ``max_batch=1`` turns
+      batching off: each request is decided alone, in its own worker thread
+      (`RelayPolicy.evaluate_async`), as before batching existed.
 
     *pinned_certificates* maps certificate fingerprints to names (see `certificate_name`).
+
+    Raises:
+        InvalidConfiguration: *max_batch* is not a positive integer.
     """
+    if max_batch is None:
+        max_batch = DEFAULT_MAX_BATCH
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise InvalidConfiguration(
+            [f"max_batch must be a positive integer, got {shown(max_batch)}"]
+        )
     decisions: InstanceCache[Decision] = cache if cache is not None else InstanceCache()
     pinned = {_fingerprint_key(k): v for k, v in (pinned_certificates or {}).items()} or None
     in_thread = not isinstance(policy.store, MemoryStore) if blocking is None else blocking
+    batcher = _Batcher(policy, max_batch) if in_thread and max_batch > 1 else None
     per_recipient = policy.count == "recipients"
     rendered: dict[Reply, str] = {}
 
@@ -1443,19 +1567,25 @@ def make_handler(
             text = rendered[reply] = str(reply.single_line(reserve=POSTFIX_REJECT_RESERVE))
         return text
 
-    def cache_late(key: str, task: asyncio.Future[Decision]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            decisions.put(key, task.result())
+    def cache_late(key: str | None, done: asyncio.Future[Decision]) -> None:
+        if done.cancelled() or done.exception() is not None:  # (marks the error retrieved)
+            return
+        if key is not None:
+            decisions.put(key, done.result())
 
     async def evaluate(relay: RelayRequest, key: str | None) -> Decision:
         if not in_thread:
             return policy.evaluate(relay)
-        task = asyncio.ensure_future(policy.evaluate_async(relay))
+        pending: asyncio.Future[Decision]
+        if batcher is not None:
+            pending = batcher.submit(relay)
+        else:
+            pending = asyncio.ensure_future(policy.evaluate_async(relay))
         try:
-            return await asyncio.shield(task)
+            return await asyncio.shield(pending)
         except asyncio.CancelledError:
-            if key is not None:  # timed out: keep the decision for the later recipients
-                task.add_done_callback(lambda done: cache_late(key, done))
+            # Timed out (or shut down): the decision goes on; keep it for the later recipients.
+            pending.add_done_callback(lambda done: cache_late(key, done))
             raise
 
     async def handler(request: PolicyRequest) -> str:
