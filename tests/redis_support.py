@@ -19,8 +19,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -178,21 +179,34 @@ _session: list[RedisServer] = []
 _session_lock = threading.Lock()
 
 
+_Started = TypeVar("_Started", "RedisServer", "RedisCluster")
+
+
+def _shared(started: list[_Started], make: Callable[[Path], _Started], prefix: str) -> _Started:
+    """The one *make(directory)* of the test session in *started*: started (in a new temporary
+    directory) on first use, stopped and its directory removed at exit."""
+    with _session_lock:
+        if not started:
+            directory = Path(tempfile.mkdtemp(prefix=prefix))
+            made = make(directory)
+            try:
+                made.start()
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            atexit.register(_stop_shared, made, directory)
+            started.append(made)
+        return started[0]
+
+
+def _stop_shared(made: RedisServer | RedisCluster, directory: Path) -> None:
+    made.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 def session_server() -> RedisServer:
     """The server shared by the whole test session, started on first use, stopped at exit."""
-    with _session_lock:
-        if not _session:
-            directory = Path(tempfile.mkdtemp(prefix="domainpolicy-redis-"))
-            server = RedisServer(directory)
-            server.start()
-            atexit.register(_stop_session, server, directory)
-            _session.append(server)
-        return _session[0]
-
-
-def _stop_session(server: RedisServer, directory: Path) -> None:
-    server.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    return _shared(_session, RedisServer, "domainpolicy-redis-")
 
 
 def redis_url(tmp_path: Path) -> str:
@@ -299,23 +313,7 @@ _clusters: list[RedisCluster] = []
 
 def session_cluster() -> RedisCluster:
     """The cluster shared by the whole test session, started on first use, stopped at exit."""
-    with _session_lock:
-        if not _clusters:
-            directory = Path(tempfile.mkdtemp(prefix="domainpolicy-redis-cluster-"))
-            cluster = RedisCluster(directory)
-            try:
-                cluster.start()
-            except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
-            atexit.register(_stop_cluster, cluster, directory)
-            _clusters.append(cluster)
-        return _clusters[0]
-
-
-def _stop_cluster(cluster: RedisCluster, directory: Path) -> None:
-    cluster.stop()
-    shutil.rmtree(directory, ignore_errors=True)
+    return _shared(_clusters, RedisCluster, "domainpolicy-redis-cluster-")
 
 
 def redis_cluster_url(tmp_path: Path) -> str:

@@ -188,6 +188,21 @@ async def held_first(
     return [await leader, *followers]
 
 
+def serve_held(
+    handler: Any, policy: CountingPolicy, first: list[bytes], rest: list[list[bytes]]
+) -> list[list[str]]:
+    """Start a server with *handler*, run `held_first` against it, close it; the answers."""
+
+    async def scenario() -> list[list[str]]:
+        server, port = await start(handler)
+        try:
+            return await held_first(port, policy, first, rest)
+        finally:
+            await server.close()
+
+    return run(scenario())
+
+
 @pytest.fixture(params=["sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
     """A real store that does I/O: a SQLite file or the test session's redis-server."""
@@ -230,14 +245,11 @@ def test_concurrent_connections_get_the_sequential_decisions(store: StateStore) 
         [request("x@spam.example", f"c{c}.{n}") for n in range(each)] for c in range(connections)
     ]
 
-    async def scenario() -> list[list[str]]:
-        server, port = await start(handler)
-        try:
-            return await held_first(port, policy, workloads[0], workloads[1:])
-        finally:
-            await server.close()
-
-    answers = [a for per_connection in run(scenario()) for a in per_connection]
+    answers = [
+        a
+        for per_connection in serve_held(handler, policy, workloads[0], workloads[1:])
+        for a in per_connection
+    ]
     expected, counts, alerts = sequential([data for work in workloads for data in work])
     assert Counter(answers) == Counter(expected)
     assert Counter(answers)["DUNNO"] == 20  # the tenant's message_limit
@@ -257,14 +269,7 @@ def test_batches_are_bounded_by_max_batch() -> None:
     handler = Arrivals(make_handler(policy, blocking=True, max_batch=4), policy.gate, 10)
     workloads = [[request("x@spam.example", f"m{n}")] for n in range(10)]
 
-    async def scenario() -> list[list[str]]:
-        server, port = await start(handler)
-        try:
-            return await held_first(port, policy, workloads[0], workloads[1:])
-        finally:
-            await server.close()
-
-    assert run(scenario()) == [["DUNNO"]] * 10
+    assert serve_held(handler, policy, workloads[0], workloads[1:]) == [["DUNNO"]] * 10
     assert (policy.singles, policy.batches) == (2, [4, 4])
     assert policy.status("contoso").unregistered == 10
 
@@ -283,14 +288,10 @@ def test_two_recipients_of_one_message_in_one_batch_count_once(
         [request("y@other.example", "m2")],
     ]
 
-    async def scenario() -> list[list[str]]:
-        server, port = await start(handler)
-        try:
-            return await held_first(port, policy, [request("alice@contoso.example", "a")], rest)
-        finally:
-            await server.close()
-
-    assert run(scenario()) == [["DUNNO"]] * 4
+    assert (
+        serve_held(handler, policy, [request("alice@contoso.example", "a")], rest)
+        == [["DUNNO"]] * 4
+    )
     assert policy.batches == [expected + 1]
     status = policy.status("contoso")
     assert (status.total, status.unregistered) == (expected + 2, expected + 1)

@@ -805,20 +805,14 @@ class RedisStore(StateStore):
             )
         except (ValueError, TypeError) as exc:
             raise InvalidConfiguration([f"store url {url!r}: {exc}"], source="RedisStore") from exc
-        try:
-            store = cls(
-                client,
-                prefix=prefix,
-                server_time=server_time,
-                socket_timeout=socket_timeout,
-                connect_timeout=connect_timeout,
-                max_attempts=max_attempts,
-            )
-        except BaseException:
-            client.close()
-            raise
-        store._owns_client = True
-        return store
+        return cls._owning(
+            client,
+            prefix=prefix,
+            server_time=server_time,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            max_attempts=max_attempts,
+        )
 
     @classmethod
     def from_cluster_url(
@@ -869,15 +863,21 @@ class RedisStore(StateStore):
             raise StoreUnavailable(
                 f"Redis store unreachable: cannot open the cluster of {url!r}: {exc}"
             ) from exc
+        return cls._owning(
+            client,
+            prefix=prefix,
+            server_time=server_time,
+            socket_timeout=socket_timeout,
+            connect_timeout=connect_timeout,
+            max_attempts=max_attempts,
+        )
+
+    @classmethod
+    def _owning(cls, client: redis.Redis | redis.RedisCluster, **options: Any) -> RedisStore:
+        """A store on *client* that closes it when the store is closed (and at once if the store
+        cannot be made)."""
         try:
-            store = cls(
-                client,
-                prefix=prefix,
-                server_time=server_time,
-                socket_timeout=socket_timeout,
-                connect_timeout=connect_timeout,
-                max_attempts=max_attempts,
-            )
+            store = cls(client, **options)
         except BaseException:
             client.close()
             raise
