@@ -13,12 +13,13 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
+from aio import run
 from domainpolicy import (
     AcceptedDomain,
     Alert,
@@ -49,19 +50,7 @@ from domainpolicy.integrations import (
 from domainpolicy.integrations.postfix import DEFAULT_MAX_BATCH
 from redis_support import redis_url
 
-T = TypeVar("T")
-
 SAFETY = 20.0  # seconds: a safety net against hangs, never an assertion about speed
-
-
-def run(coro: Awaitable[T]) -> T:
-    """Run *coro* to completion with a safety timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(SAFETY):
-            return await coro
-
-    return asyncio.run(guarded())
 
 
 class CountingPolicy(RelayPolicy):

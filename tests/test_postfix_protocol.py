@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import aio
 from domainpolicy import (
     POSTFIX_REJECT_RESERVE,
     AcceptedDomain,
@@ -68,13 +69,8 @@ SAFETY = 10.0  # seconds: a safety net against hangs, never an assertion about s
 
 
 def run(coro: Awaitable[T]) -> T:
-    """Run *coro* to completion with a safety timeout."""
-
-    async def guarded() -> T:
-        async with asyncio.timeout(SAFETY):
-            return await coro
-
-    return asyncio.run(guarded())
+    """Run *coro* to completion with this module's safety timeout."""
+    return aio.run(coro, safety=SAFETY)
 
 
 def req(**attributes: str) -> bytes:
