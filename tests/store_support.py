@@ -99,6 +99,21 @@ BATCH_POLICY = BlockPolicy(
 )
 
 
+def every_call(store: StateStore, machine: BlockMachine, now: float) -> list[Callable[[], object]]:
+    """One call of each kind a store serves (observe, apply, load, history, tenants, now), for
+    tests that check how every one of them fails."""
+    return [
+        lambda: store.observe(machine, "t", now, registered=False, registrable="a.example"),
+        lambda: store.apply(
+            "t", lambda s, at: machine.create_connector(s, at, "c"), now, action="c"
+        ),
+        lambda: store.load("t"),
+        lambda: store.history("t"),
+        store.tenants,
+        store.now,
+    ]
+
+
 def effects_summary(effects: Effects) -> tuple[object, ...]:
     """Everything observable in *effects*: decision, transitions and alerts with their times and
     evidence (comparable across stores)."""

@@ -28,7 +28,7 @@ from domainpolicy._blockstate import Effects
 from domainpolicy._cli import main
 from domainpolicy._redis_store import RedisStore
 from redis_support import RedisCluster, redis_cluster_url, session_cluster, session_server
-from store_support import BATCH_POLICY, effects_summary
+from store_support import BATCH_POLICY, effects_summary, every_call
 
 pytestmark = pytest.mark.redis
 
@@ -312,17 +312,7 @@ def test_stopped_cluster_raises_store_unavailable(tmp_path: Path) -> None:
         store = RedisStore.from_url(cluster.url, server_time=False, socket_timeout=0.3)
         store.observe(MACHINE, "t", NOW, registered=False, registrable="a.example")
         cluster.stop()
-        calls = [
-            lambda: store.observe(MACHINE, "t", NOW, registered=False, registrable="a.example"),
-            lambda: store.apply(
-                "t", lambda s, now: MACHINE.create_connector(s, now, "c"), NOW, action="c"
-            ),
-            lambda: store.load("t"),
-            lambda: store.history("t"),
-            store.tenants,
-            store.now,
-        ]
-        for call in calls:
+        for call in every_call(store, MACHINE, NOW):
             with pytest.raises(StoreUnavailable):
                 call()
         results = store.observe_many(

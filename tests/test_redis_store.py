@@ -35,7 +35,7 @@ from domainpolicy import (
 from domainpolicy._blockstate import Effects, InvalidEvent
 from domainpolicy._redis_store import RedisStore, _Wire
 from redis_support import RedisServer, redis_cluster_url, redis_url, session_server
-from store_support import BATCH_POLICY
+from store_support import BATCH_POLICY, every_call
 from threads import run_in_threads
 
 pytestmark = pytest.mark.redis
@@ -369,17 +369,7 @@ def test_script_cache_flush_is_survived(url: str) -> None:
 
 
 def _every_call(store: RedisStore) -> list[Callable[[], object]]:
-    machine = BlockMachine(POLICIES[0])
-    return [
-        lambda: store.observe(machine, "t", NOW, registered=False, registrable="a.example"),
-        lambda: store.apply(
-            "t", lambda s, now: machine.create_connector(s, now, "c"), NOW, action="c"
-        ),
-        lambda: store.load("t"),
-        lambda: store.history("t"),
-        store.tenants,
-        store.now,
-    ]
+    return every_call(store, BlockMachine(POLICIES[0]), NOW)
 
 
 def _closed_port() -> int:
