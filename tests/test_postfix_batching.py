@@ -251,16 +251,20 @@ def test_concurrent_connections_get_the_sequential_decisions(store: StateStore) 
     assert policy.calls < connections * each
 
 
-def test_batches_are_bounded_by_max_batch() -> None:
+def test_batches_are_bounded_by_max_batch(caplog: pytest.LogCaptureFixture) -> None:
     """Requests queued beyond max_batch wait for the following batch (a batch of one is
-    decided with evaluate)."""
+    decided with evaluate); each request's log line says the size of its batch."""
     policy = CountingPolicy(MemoryStore())
     handler = Arrivals(make_handler(policy, blocking=True, max_batch=4), policy.gate, 10)
     workloads = [[request("x@spam.example", f"m{n}")] for n in range(10)]
 
-    assert serve_held(handler, policy, workloads[0], workloads[1:]) == [["DUNNO"]] * 10
+    with caplog.at_level(logging.INFO, logger="domainpolicy.integrations.postfix"):
+        assert serve_held(handler, policy, workloads[0], workloads[1:]) == [["DUNNO"]] * 10
     assert (policy.singles, policy.batches) == (2, [4, 4])
     assert policy.status("contoso").unregistered == 10
+    lines = [r for r in caplog.records if hasattr(r, "policy")]
+    assert Counter(r.policy["batch"] for r in lines) == {1: 2, 4: 8}
+    assert all(" batch=" in r.getMessage() for r in lines)
 
 
 @pytest.mark.parametrize(("count", "expected"), [("messages", 1), ("recipients", 2)])
@@ -370,8 +374,11 @@ def test_one_connection_decides_each_request_alone(store: StateStore) -> None:
     assert alert_kinds(policy) == alerts
 
 
-def test_max_batch_one_decides_each_request_in_its_own_thread() -> None:
-    """max_batch=1 turns batching off: concurrent requests never meet in evaluate_many."""
+def test_max_batch_one_decides_each_request_in_its_own_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """max_batch=1 turns batching off: concurrent requests never meet in evaluate_many, and
+    each log line says batch=1."""
     policy = CountingPolicy(MemoryStore())
     handler = make_handler(policy, blocking=True, max_batch=1)
 
@@ -382,8 +389,10 @@ def test_max_batch_one_decides_each_request_in_its_own_thread() -> None:
         finally:
             await server.close()
 
-    assert run(scenario()) == [["DUNNO"]] * 8
+    with caplog.at_level(logging.INFO, logger="domainpolicy.integrations.postfix"):
+        assert run(scenario()) == [["DUNNO"]] * 8
     assert (policy.singles, policy.batches) == (8, [])
+    assert [r.policy["batch"] for r in caplog.records if hasattr(r, "policy")] == [1] * 8
 
 
 def test_memory_store_is_evaluated_inline() -> None:

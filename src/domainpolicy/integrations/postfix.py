@@ -58,7 +58,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 import attrs
 
@@ -1415,6 +1415,10 @@ class _BatchFailed(RuntimeError):
     """Internal: a batch failed as a whole (a bug); each of its requests gets the fallback."""
 
 
+_Decided: TypeAlias = tuple[Decision, int]
+"""A decision and the number of requests decided together with it (itself included)."""
+
+
 class _Batcher:
     """Group commit for a policy whose store does I/O: decide concurrent requests together.
 
@@ -1436,13 +1440,14 @@ class _Batcher:
     def __init__(self, policy: RelayPolicy, max_batch: int) -> None:
         self.policy = policy
         self.max_batch = max_batch
-        self._queue: list[tuple[RelayRequest, asyncio.Future[Decision]]] = []
+        self._queue: list[tuple[RelayRequest, asyncio.Future[_Decided]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, relay: RelayRequest) -> asyncio.Future[Decision]:
-        """Queue *relay*; the future completes with its decision (or `_BatchFailed`)."""
+    def submit(self, relay: RelayRequest) -> asyncio.Future[_Decided]:
+        """Queue *relay*; the future completes with its decision and the size of the batch it
+        was decided in (or `_BatchFailed`)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision] = loop.create_future()
+        future: asyncio.Future[_Decided] = loop.create_future()
         self._queue.append((relay, future))
         if self._task is None:
             self._task = loop.create_task(self._drive())
@@ -1456,7 +1461,7 @@ class _Batcher:
 
     async def _drive(self) -> None:
         queue = self._queue
-        batch: list[tuple[RelayRequest, asyncio.Future[Decision]]] = []
+        batch: list[tuple[RelayRequest, asyncio.Future[_Decided]]] = []
         try:
             while queue:
                 batch = queue[: self.max_batch]
@@ -1473,7 +1478,7 @@ class _Batcher:
                 else:
                     for (_, future), decision in zip(batch, decisions, strict=True):
                         if not future.done():
-                            future.set_result(decision)
+                            future.set_result((decision, len(batch)))
                 batch = []
         except BaseException as exc:  # cancelled (the loop is shutting down): nobody may hang
             _fail(batch + queue, exc)
@@ -1484,7 +1489,7 @@ class _Batcher:
 
 
 def _fail(
-    waiters: Iterable[tuple[RelayRequest, asyncio.Future[Decision]]], cause: BaseException
+    waiters: Iterable[tuple[RelayRequest, asyncio.Future[_Decided]]], cause: BaseException
 ) -> None:
     for _, future in waiters:
         if not future.done():
@@ -1513,8 +1518,10 @@ def make_handler(
       POSTFIX_REJECT_RESERVE)`` (room for the ``<rcpt>: Recipient address rejected:`` text
       Postfix inserts).  States without an envelope (`DECIDING_STATES`) get ``DUNNO``.
     * **Log line.**  `annotate` adds ``tenant``, ``sender_domain``, ``verdict`` (``accept``,
-      ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason`` and ``cached``
-      (the decision of an earlier recipient) to the server's line for the request.
+      ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason``, ``cached``
+      (the decision of an earlier recipient) and, for a request decided in the worker thread,
+      ``batch`` (how many requests were decided together with it, itself included: 1 when
+      alone) to the server's line for the request.
     * **Never hangs.**  With a store that does I/O (*blocking*; default: any store but a
       `MemoryStore`) the policy runs in a worker thread and the server's ``request_timeout``
       bounds the wait (answering its fallback ``451 4.3.0``).  A decision that completes after
@@ -1567,26 +1574,29 @@ def make_handler(
             text = rendered[reply] = str(reply.single_line(reserve=POSTFIX_REJECT_RESERVE))
         return text
 
-    def cache_late(key: str | None, done: asyncio.Future[Decision]) -> None:
+    def cache_late(key: str | None, done: asyncio.Future[_Decided]) -> None:
         if done.cancelled() or done.exception() is not None:  # (marks the error retrieved)
             return
         if key is not None:
-            decisions.put(key, done.result())
+            decisions.put(key, done.result()[0])
+
+    async def alone(relay: RelayRequest) -> _Decided:
+        return await policy.evaluate_async(relay), 1
 
     async def evaluate(relay: RelayRequest, key: str | None) -> Decision:
         if not in_thread:
             return policy.evaluate(relay)
-        pending: asyncio.Future[Decision]
-        if batcher is not None:
-            pending = batcher.submit(relay)
-        else:
-            pending = asyncio.ensure_future(policy.evaluate_async(relay))
+        pending = (
+            batcher.submit(relay) if batcher is not None else asyncio.ensure_future(alone(relay))
+        )
         try:
-            return await asyncio.shield(pending)
+            decision, size = await asyncio.shield(pending)
         except asyncio.CancelledError:
             # Timed out (or shut down): the decision goes on; keep it for the later recipients.
             pending.add_done_callback(lambda done: cache_late(key, done))
             raise
+        annotate(batch=size)
+        return decision
 
     async def handler(request: PolicyRequest) -> str:
         if request.protocol_state not in DECIDING_STATES:
