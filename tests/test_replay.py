@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,3 +179,76 @@ def test_readme_main_command_runs() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "tenant contoso: active" in result.stdout
+
+
+def _burst_log(path: Path) -> Path:
+    """A log whose relay events come in bursts of one second: the compromised server's spam
+    crossing the limit, legitimate mail, a malformed line and an admin event inside a burst."""
+    lines = []
+    for second in range(3):
+        at = f"2026-11-02T08:00:0{second}Z"
+        for n in range(25):
+            lines.append(
+                {
+                    "at": at,
+                    "event": "relay",
+                    "client_ip": "198.51.100.25",
+                    "sender": f"x{n}@forged{n % 7}.example" if n % 3 else "alice@contoso.com",
+                    "recipients": ["bob@partner.example"] * (1 + n % 2),
+                    "message_id": f"m-{second}-{n}",
+                }
+            )
+            if (second, n) == (1, 10):
+                lines.append({"at": at, "event": "relay", "recipients": "not a list"})
+            if (second, n) == (1, 17):
+                lines.append({"at": at, "event": "status", "tenant": "contoso"})
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("log", ["compromise", "bursts"])
+def test_batched_replay_prints_what_one_by_one_prints(
+    log: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay events of one instant decided together print exactly what deciding them one by
+    one prints, malformed lines and admin events inside a burst included."""
+    from domainpolicy import _cli_replay
+
+    path = EXAMPLES / "compromise.jsonl" if log == "compromise" else _burst_log(tmp_path / "b")
+    args = ["replay", str(path), "--config", str(EXAMPLES / "tenants.toml"), "--json"]
+    batched = io.StringIO()
+    batched_code = main(args, out=batched)
+    monkeypatch.setattr(_cli_replay, "MAX_BATCH", 1)
+    alone = io.StringIO()
+    alone_code = main(args, out=alone)
+    assert batched_code == alone_code
+    assert batched.getvalue() == alone.getvalue()
+    if log == "bursts":
+        assert '"to": "blocked"' in batched.getvalue()
+
+
+def test_replay_decides_a_burst_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of relay events of one second goes to evaluate_many together (split at admin
+    events, malformed lines and MAX_BATCH)."""
+    from domainpolicy import _cli_replay
+    from domainpolicy._policy import RelayPolicy
+
+    sizes: list[int] = []
+    original = RelayPolicy.evaluate_many
+
+    def spy(self: RelayPolicy, requests: Any) -> Any:
+        batch = list(requests)
+        sizes.append(len(batch))
+        return original(self, batch)
+
+    monkeypatch.setattr(RelayPolicy, "evaluate_many", spy)
+    monkeypatch.setattr(_cli_replay, "MAX_BATCH", 20)
+    log = _burst_log(tmp_path / "b")
+    assert (
+        main(["replay", str(log), "--config", str(EXAMPLES / "tenants.toml")], out=io.StringIO())
+        == EXIT_INVALID
+    )
+    # second 0: 20 + 5; second 1: 11 | bad line | 7 | status | 7; second 2: 20 + 5
+    assert sizes == [20, 5, 11, 7, 7, 20, 5]

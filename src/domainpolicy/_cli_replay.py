@@ -5,14 +5,18 @@ Each line is one event with an ``at`` time (ISO 8601 with a zone, or epoch secon
 
 * ``relay``: ``client_ip``, ``sender``, optional ``tls_cert_name`` (one certificate name),
   ``tls_cert_names`` (an array of every name of the client certificate), ``sasl_user``,
-  ``recipients``, ``header_from``, ``message_id`` -- evaluated with `RelayPolicy.evaluate`.
+  ``recipients``, ``header_from``, ``message_id`` -- decided by the policy.
 * admin events, with ``tenant`` and ``by``: ``register_domain`` (``domain``),
   ``remove_domain`` (``domain``), ``declare_not_ours`` (``domains``), ``connector_created``
   (``connector``), ``review_connector`` (``connector``, ``kept``), ``attest`` (``note``),
   ``request_unblock`` (``code``, ``evidence``), ``approve`` / ``deny`` / ``block`` /
   ``suspend`` (``reason``); and ``status`` (prints the tenant's status).
 
-The policy's clock is the events' time, so a replay is deterministic.  The state lives in a
+The policy's clock is the events' time, so a replay is deterministic.  Consecutive relay events
+of one instant (the same ``at``; logs usually have one-second resolution) are decided together
+with `RelayPolicy.evaluate_many`, up to `MAX_BATCH` at a time: one store transaction or round trip
+for all of them, and exactly the decisions of deciding them one by one.  A skipped (malformed)
+line changes nothing, not even the clock.  The state lives in a
 fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
 exact SMTP reply; the run ends with every tenant's state and audit trail.
 """
@@ -37,6 +41,9 @@ from ._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
 from ._stores import SQLiteStore, StateStore, open_store
 
 __all__: list[str] = []
+
+MAX_BATCH = 512
+"""Most relay events of one instant decided in one `RelayPolicy.evaluate_many` call."""
 
 _ADMIN_EVENTS = frozenset(
     {
@@ -95,14 +102,19 @@ class _Replay:
     def emit(self, record: dict[str, Any], text: str) -> None:
         self.out.write((json.dumps(record, ensure_ascii=False) if self.as_json else text) + "\n")
 
-    def relay(self, at: float, event: dict[str, Any]) -> None:
+    def request(self, event: dict[str, Any]) -> RelayRequest:
+        """The `RelayRequest` of a relay event.
+
+        Raises:
+            _BadEvent: a field has the wrong type.
+        """
         recipients = event.get("recipients", [])
         if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
             raise _BadEvent("'recipients' must be an array of strings")
         cert_names = event.get("tls_cert_names", [])
         if not isinstance(cert_names, list) or not all(isinstance(n, str) for n in cert_names):
             raise _BadEvent("'tls_cert_names' must be an array of strings")
-        request = RelayRequest(
+        return RelayRequest(
             sender=_text(event, "sender"),
             client_ip=event.get("client_ip"),
             tls_cert_name=event.get("tls_cert_name"),
@@ -112,7 +124,19 @@ class _Replay:
             header_from=event.get("header_from"),
             message_id=event.get("message_id"),
         )
-        decision = self.policy.evaluate(request)
+
+    def decide(self, at: float, requests: list[RelayRequest]) -> None:
+        """Decide relay requests of one instant (*at*, the policy's clock) and print them, in
+        order: several at once with `RelayPolicy.evaluate_many` (one store transaction or round
+        trip), which decides exactly as `RelayPolicy.evaluate` one by one."""
+        if len(requests) == 1:
+            decisions = [self.policy.evaluate(requests[0])]
+        else:
+            decisions = self.policy.evaluate_many(requests)
+        for request, decision in zip(requests, decisions, strict=True):
+            self._decided(at, request, decision)
+
+    def _decided(self, at: float, request: RelayRequest, decision: Decision) -> None:
         self.counts[
             {"accept": "accepted", "refuse": "refused", "tempfail": "tempfail"}[
                 decision.outcome.value
@@ -290,6 +314,13 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
     bad = 0
     done = 0
     events = 0
+    pending: list[RelayRequest] = []  # relay events of the instant clock[0], not decided yet
+
+    def flush() -> None:
+        if pending:
+            replay.decide(clock[0], pending)
+            pending.clear()
+
     try:
         for number, raw in enumerate(handle, 1):
             done += len(raw)
@@ -303,19 +334,26 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
                 at = _time(event.get("at"))
                 if at < clock[0]:
                     sys.stderr.write(f"line {number}: time goes backwards; using the later time\n")
-                else:
-                    clock[0] = at
+                    at = clock[0]
                 name = event.get("event")
                 if name == "relay":
-                    replay.relay(clock[0], event)
+                    request = replay.request(event)
+                    if at != clock[0] or len(pending) >= MAX_BATCH:
+                        flush()  # decided at their own instant, before the clock moves on
+                    clock[0] = at
+                    pending.append(request)
                 elif name in _ADMIN_EVENTS:
+                    flush()
+                    clock[0] = at
                     replay.admin(clock[0], str(name), event)
                 else:
                     raise _BadEvent(f"unknown event {name!r}")
             except (_BadEvent, ValueError, UnicodeDecodeError) as exc:
                 bad += 1
+                flush()  # keep the decisions in line order around the message
                 sys.stderr.write(f"domainpolicy: {args.log}:{number}: skipped: {exc}\n")
             progress.draw(done, f"{events} events")
+        flush()
     finally:
         progress.finish()
         if handle is not sys.stdin.buffer:
