@@ -88,3 +88,19 @@ def test_compact_table_round_trips_and_refuses_a_corrupt_snapshot(bench_matcher:
     broken[len(broken) // 2] ^= 1
     with pytest.raises(ValueError, match="checksum"):
         compact_table.CompactTable.from_bytes(bytes(broken))
+
+
+def test_replay_benchmark_runs_both_ways(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replay benchmark generates its bursty log and replays it batched and alone."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = importlib.import_module("bench_replay")
+    monkeypatch.setattr(
+        sys, "argv", ["bench_replay.py", "--events", "120", "--burst", "10", "--rounds", "1"]
+    )
+    module.main()
+    out = capsys.readouterr().out
+    assert "| batched |" in out
+    assert "| alone |" in out
+    assert "batched / alone: " in out
