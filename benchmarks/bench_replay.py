@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from domainpolicy import _cli_replay
 from domainpolicy._cli import main as cli_main
+from domainpolicy._cli import replay as _cli_replay
 
 __all__ = ["main"]
 

@@ -35,8 +35,8 @@ from domainpolicy import (
     StateStore,
     open_store,
 )
-from domainpolicy import _cli_serve as cli_serve
 from domainpolicy._cli import main
+from domainpolicy._cli import serve as cli_serve
 from domainpolicy.integrations import (
     DEFAULT_FALLBACK_ACTION,
     InstanceCache,

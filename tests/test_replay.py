@@ -212,7 +212,7 @@ def test_batched_replay_prints_what_one_by_one_prints(
 ) -> None:
     """Relay events of one instant decided together print exactly what deciding them one by
     one prints, malformed lines and admin events inside a burst included."""
-    from domainpolicy import _cli_replay
+    from domainpolicy._cli import replay as _cli_replay
 
     path = EXAMPLES / "compromise.jsonl" if log == "compromise" else _burst_log(tmp_path / "b")
     args = ["replay", str(path), "--config", str(EXAMPLES / "tenants.toml"), "--json"]
@@ -232,7 +232,7 @@ def test_replay_decides_a_burst_in_one_call(
 ) -> None:
     """A burst of relay events of one second goes to evaluate_many together (split at admin
     events, malformed lines and MAX_BATCH)."""
-    from domainpolicy import _cli_replay
+    from domainpolicy._cli import replay as _cli_replay
     from domainpolicy._policy import RelayPolicy
 
     sizes: list[int] = []

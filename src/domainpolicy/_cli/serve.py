@@ -33,13 +33,12 @@ import logging
 import sys
 from typing import Any, TextIO
 
-from ._cli import COMMANDS, EXIT_OK, EXIT_USAGE
-from ._config import PolicyConfig, load_config
-from ._errors import DomainPolicyError, InvalidConfiguration
-from ._policy import RelayPolicy
-from ._stores import StateStore, open_store
-from .integrations._metrics import MetricsEndpoint
-from .integrations.postfix import (
+from domainpolicy._config import PolicyConfig, load_config
+from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
+from domainpolicy._policy import RelayPolicy
+from domainpolicy._stores import StateStore, open_store
+from domainpolicy.integrations._metrics import MetricsEndpoint
+from domainpolicy.integrations.postfix import (
     DEFAULT_MAX_BATCH,
     InstanceCache,
     ListenAddress,
@@ -51,7 +50,9 @@ from .integrations.postfix import (
     parse_listen_address,
 )
 
-__all__: list[str] = []
+from .common import EXIT_OK, EXIT_USAGE, Command
+
+__all__ = ["COMMANDS"]
 
 _log = logging.getLogger("domainpolicy.serve")
 _LEVELS = ("debug", "info", "warning", "error")
@@ -295,8 +296,10 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         store.close()
 
 
-COMMANDS["serve"] = (
-    "serve the relay policy to Postfix (SMTPD access policy delegation)",
-    _configure_serve,
-    _cmd_serve,
-)
+COMMANDS: dict[str, Command] = {
+    "serve": (
+        "serve the relay policy to Postfix (SMTPD access policy delegation)",
+        _configure_serve,
+        _cmd_serve,
+    ),
+}

@@ -1,7 +1,8 @@
 """Operator commands of the ``domainpolicy`` command line: ``compile``, ``tenant ...`` and ``ndr``.
 
-Importing this module registers the commands into `domainpolicy._cli.COMMANDS`
-(`domainpolicy._cli.build_parser` imports it).  See ``docs/integrations.md`` ("Command line").
+Declares its commands in `COMMANDS` (`domainpolicy._cli.build_parser` reads them); imports
+`common` and the library, never the `domainpolicy._cli` package.  See ``docs/integrations.md``
+("Command line").
 
 * ``compile DOMAINS-FILE -o SNAPSHOT``: compile a large ``domain<TAB>tenant<TAB>flags`` file into
   a matcher snapshot, reporting counts and every problem with its line number.
@@ -29,20 +30,26 @@ from array import array
 from collections.abc import Callable, Iterator
 from typing import Any, Final, TextIO
 
-from ._blockstate import Block, ChecklistIncomplete, TenantState
-from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, EXIT_USAGE, Progress, add_progress_option
-from ._config import PolicyConfig, load_config, parse_domains_file
-from ._connectors import InboundConnector
-from ._dsn import build_dsn
-from ._errors import DomainPolicyError, InvalidAddress, InvalidConfiguration, InvalidTransition
-from ._matcher import AcceptedDomain, DomainMatcher, DomainType
-from ._names import parse_address
-from ._policy import RelayPolicy, TenantStatus
-from ._psl import PublicSuffixes
-from ._replies import Reply, ReplyCode
-from ._stores import AuditRecord, StateStore, open_store
+from domainpolicy._blockstate import Block, ChecklistIncomplete, TenantState
+from domainpolicy._config import PolicyConfig, load_config, parse_domains_file
+from domainpolicy._connectors import InboundConnector
+from domainpolicy._dsn import build_dsn
+from domainpolicy._errors import (
+    DomainPolicyError,
+    InvalidAddress,
+    InvalidConfiguration,
+    InvalidTransition,
+)
+from domainpolicy._matcher import AcceptedDomain, DomainMatcher, DomainType
+from domainpolicy._names import parse_address
+from domainpolicy._policy import RelayPolicy, TenantStatus
+from domainpolicy._psl import PublicSuffixes
+from domainpolicy._replies import Reply, ReplyCode
+from domainpolicy._stores import AuditRecord, StateStore, open_store
 
-__all__: list[str] = []  # nothing public: the commands are registered into _cli.COMMANDS
+from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Command, Progress, add_progress_option
+
+__all__ = ["COMMANDS"]
 
 _ENTRY_RE: Final = re.compile(r"^entry #(\d+) ")
 _ENTRY_PREFIX_RE: Final = re.compile(r"^entry #\d+ \(.*?\): ")
@@ -853,18 +860,20 @@ def _cmd_ndr(args: argparse.Namespace, out: TextIO) -> int:
 
 # --------------------------------------------------------------------------- registration
 
-COMMANDS["compile"] = (
-    "compile a domain<TAB>tenant<TAB>flags file into a matcher snapshot",
-    _configure_compile,
-    _cmd_compile,
-)
-COMMANDS["tenant"] = (
-    "show and administer a tenant's block state: status, history, remediation, unblock",
-    _configure_tenant,
-    _cmd_tenant,
-)
-COMMANDS["ndr"] = (
-    "print the SMTP reply for a code and the non-delivery report it produces",
-    _configure_ndr,
-    _cmd_ndr,
-)
+COMMANDS: dict[str, Command] = {
+    "compile": (
+        "compile a domain<TAB>tenant<TAB>flags file into a matcher snapshot",
+        _configure_compile,
+        _cmd_compile,
+    ),
+    "tenant": (
+        "show and administer a tenant's block state: status, history, remediation, unblock",
+        _configure_tenant,
+        _cmd_tenant,
+    ),
+    "ndr": (
+        "print the SMTP reply for a code and the non-delivery report it produces",
+        _configure_ndr,
+        _cmd_ndr,
+    ),
+}

@@ -32,15 +32,16 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ._blockstate import ChecklistIncomplete
-from ._cli import COMMANDS, EXIT_INVALID, EXIT_OK, Progress, add_progress_option
-from ._config import load_config
-from ._connectors import InboundConnector
-from ._errors import DomainPolicyError, InvalidConfiguration
-from ._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
-from ._stores import SQLiteStore, StateStore, open_store
+from domainpolicy._blockstate import ChecklistIncomplete
+from domainpolicy._config import load_config
+from domainpolicy._connectors import InboundConnector
+from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
+from domainpolicy._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
+from domainpolicy._stores import SQLiteStore, StateStore, open_store
 
-__all__: list[str] = []
+from .common import EXIT_INVALID, EXIT_OK, Command, Progress, add_progress_option
+
+__all__ = ["COMMANDS"]
 
 MAX_BATCH = 512
 """Most relay events of one instant decided in one `RelayPolicy.evaluate_many` call."""
@@ -373,8 +374,10 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
     return EXIT_INVALID if bad else EXIT_OK
 
 
-COMMANDS["replay"] = (
-    "run a relay log through the policy and print every decision and the final state",
-    _configure,
-    _run,
-)
+COMMANDS: dict[str, Command] = {
+    "replay": (
+        "run a relay log through the policy and print every decision and the final state",
+        _configure,
+        _run,
+    ),
+}
