@@ -26,7 +26,7 @@ from domainpolicy import (
 )
 from domainpolicy._blockstate import Effects
 from domainpolicy._cli import main
-from domainpolicy._redis_store import RedisStore
+from domainpolicy._stores.redis import RedisStore
 from redis_support import RedisCluster, redis_cluster_url, session_cluster, session_server
 from store_support import BATCH_POLICY, effects_summary, every_call
 

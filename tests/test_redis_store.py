@@ -33,7 +33,8 @@ from domainpolicy import (
     open_store,
 )
 from domainpolicy._blockstate import Effects, InvalidEvent
-from domainpolicy._redis_store import RedisStore, _Wire
+from domainpolicy._stores._resp import Wire as _Wire
+from domainpolicy._stores.redis import RedisStore
 from redis_support import RedisServer, redis_cluster_url, redis_url, session_server
 from store_support import BATCH_POLICY, every_call
 from threads import run_in_threads

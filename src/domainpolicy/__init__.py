@@ -93,7 +93,7 @@ def __getattr__(name: str) -> object:
     """``domainpolicy.RedisStore``, imported on first use (it needs the ``redis`` extra)."""
     if name == "RedisStore":
         try:
-            from ._redis_store import RedisStore
+            from ._stores.redis import RedisStore
         except ImportError as exc:
             raise ImportError(
                 "domainpolicy.RedisStore needs the redis extra: pip install 'domainpolicy[redis]'"

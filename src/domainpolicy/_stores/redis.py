@@ -1,53 +1,10 @@
 """`RedisStore`: tenant block state shared by a fleet of MTAs, in Redis (or Redis Cluster).
 
-Key layout
-----------
-Every key of one tenant carries the tenant in a Redis Cluster hash tag, so all of them live in
-one slot and one Lua script may touch them together::
-
-    <prefix>{<tenant>}:state     hash: v (version), st (state), head, T, U, warned, pu, doc
-    <prefix>{<tenant>}:bt        hash: bucket index -> relayed weight (t[k])
-    <prefix>{<tenant>}:bu        hash: bucket index -> unregistered weight (u[k]; absent = 0)
-    <prefix>{<tenant>}:dom       hash: registrable domain -> bucket last seen (last[d])
-    <prefix>{<tenant>}:audit     list: audit records (JSON), oldest first
-    <prefix>{<tenant>}:seq       hash: observe_many round token -> items applied (60 s TTL)
-    <prefix>tenants              set: every tenant id seen (an admin index, not per slot)
-
-``<prefix>`` defaults to ``dp:``.  ``<tenant>`` is the tenant id percent-encoded (UTF-8; every
-byte outside ``A-Z a-z 0-9 - . _ ~ @ + = :`` becomes ``%XX``), so ``{``, ``}``, ``%`` and control
-characters never reach the key: a hostile id cannot end the hash tag early, move another tenant's
-keys into its slot, or collide with another id (the encoding is injective).  ``pu`` is the
-probation deadline (absent: none), ``warned`` the bucket of the last warning (absent: none),
-``doc`` the JSON of the rest of `TenantState.to_dict` (offences, block and checklist,
-connectors); a tenant first seen by the hot path has no ``doc`` yet and reads as a fresh one.
-
-The hot path: one Lua script
-----------------------------
-`RedisStore.observe` is one ``EVALSHA`` (loaded with redis-py ``register_script``; after a
-``SCRIPT FLUSH`` or a fail-over redis-py loads it again).  The script takes ``now`` from the
-server's ``TIME`` (or from the caller with ``server_time=False``), then mirrors the counting
-model of ``domainpolicy._blockstate`` exactly: ``b = floor(now / S)``; if ``b > head`` it expires
-the buckets and domains ``<= b - N`` and moves ``head``; it adds the weight to bucket ``head``
-(and to ``u[head]`` and ``last[d]`` for unregistered mail, ``last`` capped at ``CAP`` names),
-and decides with the limits in force (probation while ``now < pu``):
-
-* **accept**, **refuse 5.7.750** or **refuse 5.7.705** with no change of state and no alert:
-  the script applies the counts, bumps ``v`` and answers -- one round trip.  The store keeps a
-  copy of each tenant's state with its version; when the script counted on top of the version
-  the caller holds, it answers only the decision, time and new version, and the store applies
-  the same observation to its copy (the state it returns); otherwise it also returns a snapshot;
-* anything else -- the message that crosses a limit (block), a blocked tenant over the
-  suspension threshold (suspend), or an ``approaching_limit`` alert: the script applies
-  **nothing** and answers ``slow`` with the time it used and a consistent snapshot.  Python
-  rebuilds the `TenantState`, runs the real `BlockMachine.observe` with that time and writes
-  the whole state plus its audit record with a compare-and-set script on ``v``.  If another
-  writer got in between (``v`` moved), the observation starts over with the hot-path script.
-
-So the state machine lives in one place (Python), every count is applied exactly once, and the
-block happens once, at the crossing message, whatever the number of MTAs: concurrent writers
-that see the crossing all go to the slow path, one compare-and-set wins, the others retry and
-find the tenant blocked.  Administrative events (`RedisStore.apply`) read a snapshot, run the
-mutation in Python and write with the same compare-and-set (bounded retries).
+The store lives here; what it is made of lives beside it, each imported only by this module
+(and each other): `redis_schema` (the key layout and the Lua scripts, with how the hot path
+decides), `_resp` (the rounds of a batch packed by hand) and `cluster` (cluster URLs and a
+round split by node, with what a fail-over can lose).  It imports the store contract
+(`domainpolicy._stores.base`), never the package's ``__init__``.
 
 Batches
 -------
@@ -56,22 +13,6 @@ changes state).  A script of a batch carries the round's token and its rank ``k`
 tenant's items of the round and applies nothing (``deferred``) unless the tenant's ``k`` earlier
 items of the round were applied, so the items after a slow one are sent again after it has been
 written: the results are those of `observe` called for each item in turn.
-
-On a plain ``redis.Redis`` client a round does not go through redis-py's pipeline: redis-py
-packs commands in pure Python, argument by argument, and for the 29 arguments of each
-``EVALSHA`` that was most of the client's time.  The store packs the round itself -- the command
-head (script SHA, ``numkeys``), a tenant's keys and a policy's 13 limit arguments are packed once
-and cached, an item's own arguments once per batch -- into the same bytes redis-py would send,
-writes it with one ``send_packed_command`` on a connection of the client's pool and reads the
-replies with that connection's ``read_response`` (redis-py's parser: RESP2 or RESP3,
-``decode_responses``, error replies; a hand-written RESP parser on the raw socket measured only
-a few per cent faster, the replies being read while the server still runs the later scripts).
-A round is never sent again: a connection that fails or times out is closed and the round's
-items get `StoreUnavailable` (redis-py's pipeline would retry if the client's ``retry`` allowed
-it; the store's own clients have retries off).  On a ``redis.RedisCluster`` the round is packed
-the same way and split by node (see Redis Cluster below).  Any other client (a subclass or a
-fake of ``redis.Redis``, a pool with client-side caching) keeps redis-py's pipeline; both send
-the same commands and get the same results.
 
 Server time and clock skew
 --------------------------
@@ -82,51 +23,6 @@ passes (take it from `RedisStore.now`, the server's ``TIME``).  If the master's 
 backwards (a fail-over to a replica whose clock is behind), observations are counted in the
 newest bucket already seen, as the counting model specifies: nothing is lost, windows just last
 longer (fails closed).  ``server_time=False`` uses the caller's ``now`` (deterministic tests).
-
-Redis Cluster
--------------
-Open it with ``redis+cluster://host:port[,host:port...]/0`` (``rediss+cluster://`` for TLS;
-`RedisStore.from_cluster_url`, `open_store`), or pass a ``redis.RedisCluster`` client.  Every
-script touches the keys of one tenant only, all in one slot (hash tag), so the scripts run
-unchanged; ``SCRIPT LOAD`` after a ``NOSCRIPT`` goes to every primary.  The ``tenants`` set is
-the one key outside the tenant's slot: it is written with a separate command (before the first
-write for a tenant in each process, and again when a script reports that it created the
-tenant), and `RedisStore.tenants` (an admin operation: ``SMEMBERS`` plus an ``EXISTS`` per
-member) lists the members that have a stored state.
-
-`RedisStore.observe_many` does not use redis-py's cluster pipeline: redis-py refuses ``EVALSHA``
-in it ("Calling pipelined function evalsha is blocked when running redis in cluster mode", so
-every batched item would be a temporary failure), and it sends again, one by one, every command
-of a node whose connection failed or timed out -- a script that may have run would be counted
-twice.  The store
-splits a round by the primary that serves each tenant's slot (from the client's slot table),
-writes each node's share on a connection of that node's pool, all nodes before reading any
-reply, and never sends a command again: a node that fails or times out gives its items
-`StoreUnavailable`, the other nodes' items are answered.  A ``MOVED``, ``ASK``, ``TRYAGAIN`` or
-``CLUSTERDOWN`` reply means the script did not run: the store refreshes the slot table and sends
-the tenant's items again in the next round (three times at most, then `StoreUnavailable`).  The
-order of a tenant's items is kept: they all go to the one node of its slot.
-
-With ``server_time=True`` a tenant's window follows the ``TIME`` of the primary holding its slot;
-`RedisStore.now` reads the client's default node.  Keep the nodes' clocks in sync (NTP), as
-for the MTAs themselves.  The cluster client connects when the store is opened (it needs the
-slot table): an unreachable cluster is a `StoreUnavailable` from `open_store`.  Redis Cluster has
-one database: a cluster URL naming another one is an `InvalidConfiguration`.  A
-``redis.RedisCluster`` client given to the store should have retries off
-(``retry=Retry(NoBackoff(), 0)``, as the store's own clients), or a timed-out single ``observe``
-may be sent twice.
-
-Fail-over and what it can lose
-------------------------------
-Redis replicates asynchronously.  A master that dies before its replica received the latest
-writes takes them with it: the counts of the last moments (typically milliseconds, up to the
-replication lag) and, in the worst case, a block, a suspension or an admin event that had just
-been acknowledged.  Counts that are lost only make the window more lenient by that amount; a
-lost block is made again by the next message over the limit, because the counts that caused it
-are still being sent.  A lost administrative event (an approval) must be repeated; its audit
-record is lost with it.  ``WAIT 1 <ms>`` after admin events, or ``min-replicas-to-write``, narrow
-the gap; persistence (AOF with ``appendfsync always``/``everysec``) covers restarts of a single
-server, not fail-over.
 
 Failures
 --------
@@ -139,7 +35,6 @@ is raised as
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import os
@@ -148,24 +43,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, cast
-from urllib.parse import parse_qs, quote, urlsplit
 
 import attrs
 import redis
 from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode
 from redis.commands.core import Script
 from redis.exceptions import (
-    AskError,
-    ClusterDownError,
-    MovedError,
     NoScriptError,
-    RedisClusterException,
-    TryAgainError,
 )
 from redis.retry import Retry
 
-from ._blockstate import (
+from domainpolicy._blockstate import (
     STATE_SCHEMA_VERSION,
     BlockMachine,
     BlockPolicy,
@@ -174,10 +62,10 @@ from ._blockstate import (
     InvalidTenantState,
     State,
     TenantState,
-    Verdict,
 )
-from ._errors import InvalidConfiguration, StoreUnavailable, shown
-from ._stores import (
+from domainpolicy._errors import InvalidConfiguration, StoreUnavailable, shown
+from domainpolicy._stores._resp import ERRORS, LAST, MORE, Prepared, Wire
+from domainpolicy._stores.base import (
     AuditRecord,
     Mutation,
     ObserveItem,
@@ -185,6 +73,15 @@ from ._stores import (
     StateStore,
     audit_records,
     batch_times,
+)
+from domainpolicy._stores.cluster import CLUSTER_SCHEMES, NOT_RUN, cluster_round, cluster_url
+from domainpolicy._stores.redis_schema import (
+    COMMIT_LUA,
+    EFFECTS,
+    OBSERVE_LUA,
+    SNAPSHOT_LUA,
+    Keys,
+    limit_args,
 )
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisStore"]
@@ -195,201 +92,8 @@ DEFAULT_PREFIX: Final = "dp:"
 DEFAULT_TIMEOUT: Final = 0.5
 """Default socket and connect timeout in seconds: an MTA never waits longer on Redis."""
 
-_ERRORS: Final = (redis.RedisError, RedisClusterException)
-"""What redis-py raises: ``RedisClusterException`` (no slot covered, no node reachable while the
-cluster client refreshes its topology) is not a ``RedisError``."""
-
-_NOT_RUN: Final = (MovedError, AskError, TryAgainError, ClusterDownError)
-"""Cluster error replies to a script that did not run: its slot moved, is migrating, or the
-cluster is down.  A batch sends the script again (bounded) after refreshing the slot table."""
-
-_CLUSTER_SCHEMES: Final = ("redis+cluster://", "rediss+cluster://")
-
-_SAFE: Final = "-._~@+=:"
 _MAX_WEIGHT: Final = 2**31 - 1
 _MAX_NOW: Final = 1e12
-
-# --------------------------------------------------------------------------- Lua
-
-_OBSERVE_LUA: Final = r"""
--- KEYS: 1 state, 2 bt, 3 bu, 4 dom, [5 seq: batches only]
--- ARGV: 1 now ('' = server TIME), 2 registered ('1'/'0'), 3 registrable, 4 weight,
---       5 S, 6 N, 7 CAP, 8 M, 9 D, 10 WM, 11 WD, 12 PM, 13 PD, 14 PWM, 15 PWD, 16 SM,
---       17 R ('' = none), 18 the version the caller holds ('' = none),
---       batches only: 19 the round's token, 20 k = this tenant's earlier items in the round,
---       21 '1' when more items of this tenant follow in the round
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local token = ARGV[19] or ''
-local k = tonumber(ARGV[20]) or 0
-if token ~= '' and k > 0 and tonumber(redis.call('HGET', KEYS[5], token)) ~= k then
-  -- an earlier item of this tenant in this round was not applied (slow, error): apply nothing
-  return {'deferred'}
-end
-local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-else
-  now = tonumber(ARGV[1])
-end
-local registered = ARGV[2] == '1'
-local d = ARGV[3]
-local w = tonumber(ARGV[4])
-local S, N, CAP = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local f = redis.call('HMGET', KEYS[1], 'v', 'st', 'head', 'T', 'U', 'warned', 'pu')
-local v = tonumber(f[1]) or 0
-local st = f[2] or 'active'
-if st ~= 'active' and st ~= 'blocked' and st ~= 'unblock_requested' and st ~= 'suspended' then
-  return redis.error_reply('corrupt tenant state ' .. tostring(st))
-end
-local head = tonumber(f[3]) or 0
-local T = tonumber(f[4]) or 0
-local U = tonumber(f[5]) or 0
-local b = math.floor(now / S)
-local newhead = head
-local cutoff = nil
-local xb, xd = {}, {}
-local ndom = redis.call('HLEN', KEYS[4])
-if b > head then
-  -- time moved forward: find what expires (applied below, only on the hot path)
-  newhead = b
-  cutoff = b - N
-  local bt = redis.call('HGETALL', KEYS[2])
-  for i = 1, #bt, 2 do
-    if tonumber(bt[i]) <= cutoff then
-      T = T - tonumber(bt[i + 1])
-      xb[#xb + 1] = bt[i]
-    end
-  end
-  local bu = redis.call('HGETALL', KEYS[3])
-  for i = 1, #bu, 2 do
-    if tonumber(bu[i]) <= cutoff then U = U - tonumber(bu[i + 1]) end
-  end
-  if ndom > 0 then
-    local dm = redis.call('HGETALL', KEYS[4])
-    for i = 1, #dm, 2 do
-      if tonumber(dm[i + 1]) <= cutoff then xd[#xd + 1] = dm[i] end
-    end
-    ndom = ndom - #xd
-  end
-end
-T = T + w
-local decision
-local slow = false
-local add = false
-if registered then
-  if st == 'suspended' then decision = '705' else decision = 'accept' end
-else
-  U = U + w
-  local seen = false
-  local k = redis.call('HGET', KEYS[4], d)
-  if k and not (cutoff and tonumber(k) <= cutoff) then seen = true end
-  add = seen or ndom < CAP
-  local distinct = ndom
-  if add and not seen then distinct = ndom + 1 end
-  if st == 'active' then
-    local o = 7  -- limits in force: normal (ARGV 8-11) or probation (ARGV 12-15)
-    if f[7] and now < tonumber(f[7]) then o = 11 end
-    local M, D = tonumber(ARGV[o + 1]), tonumber(ARGV[o + 2])
-    local WM, WD = tonumber(ARGV[o + 3]), tonumber(ARGV[o + 4])
-    if U > WM or distinct > WD then
-      local R = tonumber(ARGV[17])
-      if R == nil or U > R * T then
-        if U > M or distinct > D then
-          slow = true
-        else
-          local warned = tonumber(f[6])
-          if warned == nil or warned <= newhead - N then slow = true end
-        end
-      end
-    end
-    decision = 'accept'
-  elseif st == 'suspended' then
-    decision = '705'
-  else
-    if U > tonumber(ARGV[16]) then slow = true end
-    decision = '750'
-  end
-end
-local nowstr = string.format('%.17g', now)
-if slow then
-  return {'slow', nowstr, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-          redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
-end
-for i = 1, #xb do
-  redis.call('HDEL', KEYS[2], xb[i])
-  redis.call('HDEL', KEYS[3], xb[i])
-end
-for i = 1, #xd do redis.call('HDEL', KEYS[4], xd[i]) end
-local hk = string.format('%d', newhead)
-redis.call('HINCRBY', KEYS[2], hk, w)
-if not registered then
-  redis.call('HINCRBY', KEYS[3], hk, w)
-  if add then redis.call('HSET', KEYS[4], d, hk) end
-end
-redis.call('HSET', KEYS[1], 'v', string.format('%d', v + 1), 'st', st, 'head', hk,
-           'T', string.format('%d', T), 'U', string.format('%d', U))
-if token ~= '' then
-  -- count this tenant's applied items of the round (the next one checks it)
-  if ARGV[21] == '1' then
-    redis.call('HSET', KEYS[5], token, string.format('%d', k + 1))
-    redis.call('PEXPIRE', KEYS[5], 60000)
-  elseif k > 0 then
-    redis.call('HDEL', KEYS[5], token)
-  end
-end
-if tonumber(ARGV[18]) == v then
-  -- the caller holds version v: it applies the same counts to its copy
-  return {decision, nowstr, v + 1}
-end
-return {decision, nowstr, v + 1, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
-"""
-
-_SNAPSHOT_LUA: Final = r"""
--- KEYS: 1 state, 2 bt, 3 bu, 4 dom
-return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
-        redis.call('HGETALL', KEYS[3]), redis.call('HGETALL', KEYS[4])}
-"""
-
-_COMMIT_LUA: Final = r"""
--- KEYS: 1 state, 2 bt, 3 bu, 4 dom, 5 audit
--- ARGV: 1 expected v, 2 st, 3 head, 4 T, 5 U, 6 warned ('' = none), 7 pu ('' = none), 8 doc,
---       9 nb, nb x (k, t, u), nd, nd x (d, k), na, na x record
-local v = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
-if v ~= tonumber(ARGV[1]) then return -1 end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-redis.call('HSET', KEYS[1], 'v', string.format('%d', v + 1), 'st', ARGV[2], 'head', ARGV[3],
-           'T', ARGV[4], 'U', ARGV[5], 'doc', ARGV[8])
-if ARGV[6] == '' then redis.call('HDEL', KEYS[1], 'warned')
-else redis.call('HSET', KEYS[1], 'warned', ARGV[6]) end
-if ARGV[7] == '' then redis.call('HDEL', KEYS[1], 'pu')
-else redis.call('HSET', KEYS[1], 'pu', ARGV[7]) end
-local i = 9
-local nb = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nb do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  if ARGV[i + 2] ~= '0' then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 2]) end
-  i = i + 3
-end
-local nd = tonumber(ARGV[i]); i = i + 1
-for _ = 1, nd do
-  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-local na = tonumber(ARGV[i]); i = i + 1
-for _ = 1, na do
-  redis.call('RPUSH', KEYS[5], ARGV[i])
-  i = i + 1
-end
-return v + 1
-"""
-
-_EFFECTS: Final[dict[str, Effects]] = {
-    "accept": Effects(Verdict.ACCEPT),
-    "750": Effects(Verdict.REFUSE_UNREGISTERED),
-    "705": Effects(Verdict.REFUSE_THRESHOLD),
-}
 
 _Snapshot = tuple[int, TenantState]
 
@@ -415,266 +119,6 @@ def _pairs(flat: object) -> dict[str, str]:
 
 def _copy(state: TenantState) -> TenantState:
     return attrs.evolve(state, window=state.window.copy())
-
-
-def _limit_args(policy: BlockPolicy) -> tuple[str, ...]:
-    normal, probation = policy.limits(), policy.limits(probation=True)
-    share = policy.min_unregistered_share
-    return (
-        str(policy.bucket_seconds),
-        str(policy.buckets),
-        str(policy.max_tracked_domains),
-        str(normal.messages),
-        str(normal.domains),
-        str(normal.warn_messages),
-        str(normal.warn_domains),
-        str(probation.messages),
-        str(probation.domains),
-        str(probation.warn_messages),
-        str(probation.warn_domains),
-        str(normal.suspend_messages),
-        "" if share is None else repr(float(share)),
-    )
-
-
-def _cluster_url(url: str) -> tuple[str, list[ClusterNode]]:
-    """Split ``redis+cluster://[userinfo@]host:port[,host:port...][/0][?query]`` into a
-    ``redis://`` URL of the first node (with the userinfo, path and query, for
-    ``redis.RedisCluster(url=...)``) and the other startup nodes.
-
-    Raises:
-        InvalidConfiguration: no scheme of a cluster, a bad host or port, a database other
-            than 0.
-    """
-    if not url.startswith(_CLUSTER_SCHEMES):
-        raise InvalidConfiguration(
-            [f"store url {url!r}: a Redis Cluster URL starts with redis+cluster:// or "
-             "rediss+cluster://"],
-            source="RedisStore",
-        )  # fmt: skip
-    scheme = url[: url.index("+cluster://")]
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    problems: list[str] = []
-    nodes: list[ClusterNode] = []
-    for host_port in hosts.split(","):
-        try:
-            split = urlsplit(f"//{host_port}")
-            host, port = split.hostname, split.port
-        except ValueError as exc:
-            problems.append(f"node {host_port!r}: {exc}")
-            continue
-        if not host or split.username is not None or split.path:
-            problems.append(f"node {host_port!r}: expected host:port")
-            continue
-        node: Any = ClusterNode  # untyped
-        nodes.append(node(host, port or 6379))
-    databases = parse_qs(parts.query).get("db", [])
-    if parts.path not in ("", "/"):
-        databases.insert(0, parts.path[1:])
-    for database in databases:
-        if database != "0":
-            problems.append(
-                f"database {database!r}: Redis Cluster has only database 0 "
-                "(end the URL with /0 or no path)"
-            )
-    if problems:
-        raise InvalidConfiguration(
-            [f"store url {url!r}: {problem}" for problem in problems], source="RedisStore"
-        )
-    query = f"?{parts.query}" if parts.query else ""
-    first = f"{scheme}://{userinfo}{at}{hosts.split(',')[0]}{parts.path}{query}"
-    return first, nodes[1:]
-
-
-class _Keys:
-    """The keys of one tenant (all in one Cluster slot)."""
-
-    __slots__ = ("audit", "batched", "scripted", "slot", "state", "wire")
-
-    def __init__(self, prefix: str, tenant: str) -> None:
-        base = f"{prefix}{{{quote(tenant, safe=_SAFE)}}}:"
-        self.state = base + "state"
-        self.audit = base + "audit"
-        self.scripted = [self.state, base + "bt", base + "bu", base + "dom"]
-        self.batched = [*self.scripted, base + "seq"]
-        self.wire: bytes | None = None  # `batched` packed by `_Wire.item`
-        self.slot = -1  # the Cluster slot (-1: not computed yet)
-
-
-_Prepared = tuple[_Keys, list[str], bytes]
-"""An item of `RedisStore.observe_many`: keys, script arguments (the held version left blank),
-and the arguments that do not change between rounds packed by `_Wire.item` (``b""`` without)."""
-
-_MORE: Final = b"$1\r\n1\r\n"
-_LAST: Final = b"$1\r\n0\r\n"
-
-
-def _bulk(data: bytes) -> bytes:
-    """*data* as one RESP bulk string."""
-    return b"$%d\r\n%b\r\n" % (len(data), data)
-
-
-class _Wire:
-    """The rounds of `RedisStore.observe_many` packed and sent by hand on a plain ``redis.Redis``.
-
-    redis-py packs a pipeline in pure Python, argument by argument (the encoder, a length prefix
-    and a join per argument): for the 29 arguments of each ``EVALSHA`` of a round that is most of
-    the client's time.  Here what does not change is packed once -- the command head with the
-    script's SHA and ``numkeys`` (per SHA), a tenant's five keys (per tenant), the 13 limit
-    arguments (per `BlockPolicy`) -- an item's own arguments once per batch, and a round is one
-    ``%``-format per item, sent with one ``send_packed_command`` on a connection of the client's
-    pool.  The replies are read with the connection's own ``read_response``, so decoding
-    (``decode_responses``), RESP2/RESP3, push messages and error replies are redis-py's.  The bytes
-    on the wire are those redis-py would send for the same ``evalsha`` call.
-
-    Only for a client whose type is exactly ``redis.Redis`` on a ``redis.ConnectionPool`` without
-    client-side caching or an ``EVALSHA`` response callback (`of`), and for a
-    ``redis.RedisCluster`` (`of_cluster`: each node's share of a round is written on a connection
-    of that node's pool); anything else -- a subclass or a fake of ``redis.Redis`` -- keeps
-    redis-py's pipeline.
-    """
-
-    __slots__ = ("_encoding", "_errors", "_heads", "_limits", "_name", "pool")
-
-    def __init__(
-        self,
-        encoding: str,
-        errors: str,
-        name: tuple[str, ...],
-        pool: redis.ConnectionPool | None,
-    ) -> None:
-        self.pool = pool
-        self._encoding = encoding
-        self._errors = errors
-        self._name = name  # redis-py < 5.3 wants a command name for get_connection
-        self._heads: dict[str, bytes] = {}
-        self._limits: dict[BlockPolicy, bytes] = {}
-
-    @staticmethod
-    def _connection_name(get_connection: Callable[..., object]) -> tuple[str, ...] | None:
-        """The arguments *get_connection* (a pool's) needs (None: an unknown signature)."""
-        try:
-            parameter = inspect.signature(get_connection).parameters.get("command_name")
-        except (TypeError, ValueError):  # pragma: no cover - no signature
-            return None
-        needs_name = parameter is not None and parameter.default is inspect.Parameter.empty
-        return ("EVALSHA",) if needs_name else ()
-
-    @classmethod
-    def of(cls, client: object) -> _Wire | None:
-        """A packer for *client*, or None when it is not a plain ``redis.Redis`` (see above)."""
-        if type(client) is not redis.Redis:
-            return None
-        pool = client.connection_pool
-        if (
-            not isinstance(pool, redis.ConnectionPool)
-            or getattr(pool, "cache", None) is not None
-            or "EVALSHA" in client.response_callbacks
-        ):
-            return None
-        name = cls._connection_name(pool.get_connection)
-        if name is None:  # pragma: no cover - a pool without a signature
-            return None
-        encoder = pool.get_encoder()
-        return cls(encoder.encoding, encoder.encoding_errors, name, pool)
-
-    @classmethod
-    def of_cluster(cls, client: redis.RedisCluster) -> _Wire:
-        """A packer for the rounds of a Redis Cluster client: no pool of its own, `send` is
-        given the pool of each node."""
-        encoder = client.encoder
-        name = cls._connection_name(redis.ConnectionPool.get_connection)
-        return cls(encoder.encoding, encoder.encoding_errors, name or (), None)
-
-    def bulk(self, text: str) -> bytes:
-        """*text* encoded as the client encodes arguments, as one RESP bulk string."""
-        return _bulk(text.encode(self._encoding, self._errors))
-
-    def limits(self, policy: BlockPolicy) -> bytes:
-        """The 13 limit arguments of *policy*, packed (cached)."""
-        packed = self._limits.get(policy)
-        if packed is None:
-            if len(self._limits) > 1000:  # pragma: no cover - a new policy per call
-                self._limits.clear()
-            packed = self._limits[policy] = b"".join(map(self.bulk, _limit_args(policy)))
-        return packed
-
-    def item(self, keys: _Keys, args: Sequence[str], limits: bytes) -> bytes:
-        """The keys and the arguments of an item that are the same in every round: all but the
-        held version and the round's token, rank and last-item flag."""
-        packed = keys.wire
-        if packed is None:
-            packed = keys.wire = b"".join(map(self.bulk, keys.batched))
-        encode = self.bulk
-        return b"".join(
-            (packed, encode(args[0]), encode(args[1]), encode(args[2]), encode(args[3]), limits)
-        )
-
-    def head(self, sha: str) -> bytes:
-        """``EVALSHA <sha> 5`` with the length of the whole command: 5 keys and 21 arguments
-        follow (cached)."""
-        packed = self._heads.get(sha)
-        if packed is None:
-            self._heads.clear()
-            packed = self._heads[sha] = b"*%d\r\n%b%b%b" % (
-                3 + 5 + 21,
-                _bulk(b"EVALSHA"),
-                self.bulk(sha),
-                _bulk(b"5"),
-            )
-        return packed
-
-    def round(self, commands: bytes, count: int) -> list[object]:
-        """Send *count* packed commands at once on the client's pool and read their replies in
-        order (the exception object of an error reply in its place).
-
-        Raises:
-            redis.RedisError: the connection failed or timed out (it is closed: it may hold
-                replies not read).
-        """
-        assert self.pool is not None
-        return self.receive(self.pool, self.send(self.pool, commands), count)
-
-    def send(self, pool: redis.ConnectionPool, commands: bytes) -> Any:
-        """Write packed *commands* on a connection of *pool*; return the connection (for
-        `receive`, which gives it back).
-
-        Raises:
-            redis.RedisError: the connection failed (it is closed and given back).
-        """
-        connection: Any = pool.get_connection(*self._name)  # its methods are untyped
-        try:
-            connection.send_packed_command([commands])
-        except BaseException:
-            connection.disconnect()
-            pool.release(connection)
-            raise
-        return connection
-
-    @staticmethod
-    def receive(pool: redis.ConnectionPool, connection: Any, count: int) -> list[object]:
-        """Read the *count* replies of what `send` wrote on *connection*, in order (the exception
-        object of an error reply in its place), and give the connection back to *pool*.
-
-        Raises:
-            redis.RedisError: the connection failed or timed out (it is closed: it may hold
-                replies not read).
-        """
-        try:
-            read = connection.read_response
-            replies: list[object] = []
-            for _ in range(count):
-                try:
-                    replies.append(read())
-                except redis.ResponseError as exc:  # an error reply: the stream is in step
-                    replies.append(exc)
-        except BaseException:
-            connection.disconnect()
-            raise
-        finally:
-            pool.release(connection)
-        return replies
 
 
 class RedisStore(StateStore):
@@ -746,10 +190,10 @@ class RedisStore(StateStore):
         self.server_time = bool(server_time)
         self.max_attempts = max_attempts
         self._registry = prefix + "tenants"
-        self._observe: Script = client.register_script(_OBSERVE_LUA)
-        self._snapshot: Script = client.register_script(_SNAPSHOT_LUA)
-        self._commit: Script = client.register_script(_COMMIT_LUA)
-        self._keys: dict[str, _Keys] = {}
+        self._observe: Script = client.register_script(OBSERVE_LUA)
+        self._snapshot: Script = client.register_script(SNAPSHOT_LUA)
+        self._commit: Script = client.register_script(COMMIT_LUA)
+        self._keys: dict[str, Keys] = {}
         self._known: set[str] = set()
         self._cache: dict[str, tuple[int, TenantState]] = {}
         self._limits: dict[BlockPolicy, tuple[str, ...]] = {}
@@ -761,7 +205,7 @@ class RedisStore(StateStore):
         # observe_many's rounds packed by hand on a plain redis.Redis and on Redis Cluster (per
         # node), else redis-py's pipeline
         self._wire = (
-            _Wire.of_cluster(client) if isinstance(client, redis.RedisCluster) else _Wire.of(client)
+            Wire.of_cluster(client) if isinstance(client, redis.RedisCluster) else Wire.of(client)
         )
 
     @classmethod
@@ -785,7 +229,7 @@ class RedisStore(StateStore):
             InvalidConfiguration: the URL or an option is invalid.
             StoreUnavailable: a cluster URL whose nodes cannot be reached.
         """
-        if url.startswith(_CLUSTER_SCHEMES):
+        if url.startswith(CLUSTER_SCHEMES):
             return cls.from_cluster_url(
                 url,
                 prefix=prefix,
@@ -842,7 +286,7 @@ class RedisStore(StateStore):
                 cluster mode.
             StoreUnavailable: no startup node can be reached.
         """
-        first, others = _cluster_url(url)
+        first, others = cluster_url(url)
         try:
             client = redis.RedisCluster(
                 url=first,
@@ -854,7 +298,7 @@ class RedisStore(StateStore):
             )
         except (ValueError, TypeError) as exc:
             raise InvalidConfiguration([f"store url {url!r}: {exc}"], source="RedisStore") from exc
-        except _ERRORS as exc:
+        except ERRORS as exc:
             if "cluster mode is not enabled" in str(exc).lower():
                 raise InvalidConfiguration(
                     [f"store url {url!r}: the server is not in cluster mode: use redis://"],
@@ -889,13 +333,13 @@ class RedisStore(StateStore):
 
     # ----------------------------------------------------------------- plumbing
 
-    def _tenant_keys(self, tenant: str) -> _Keys:
+    def _tenant_keys(self, tenant: str) -> Keys:
         keys = self._keys.get(tenant)
         if keys is None:
             if not isinstance(tenant, str) or not tenant.strip() or len(tenant) > 4096:
                 TenantState.new(tenant)  # raises the machine's own InvalidEvent
                 raise InvalidEvent(f"invalid tenant {shown(tenant)}")  # pragma: no cover
-            keys = _Keys(self.prefix, tenant)
+            keys = Keys(self.prefix, tenant)
             with self._lock:
                 if len(self._keys) > 100_000:
                     self._keys.clear()
@@ -921,7 +365,7 @@ class RedisStore(StateStore):
             return
         try:
             self._client.sadd(self._registry, tenant)
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail("tenant registration", exc) from exc
         self._known.add(tenant)
 
@@ -973,10 +417,10 @@ class RedisStore(StateStore):
                 f"Redis store holds a corrupt state for tenant {shown(tenant)}: {exc}"
             ) from exc
 
-    def _read(self, tenant: str, keys: _Keys) -> _Snapshot:
+    def _read(self, tenant: str, keys: Keys) -> _Snapshot:
         try:
             reply = self._snapshot(keys=keys.scripted, args=[])
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail(f"read of tenant {shown(tenant)}", exc) from exc
         if not isinstance(reply, list) or len(reply) != 4:
             raise StoreUnavailable(f"Redis store: unexpected snapshot reply {shown(reply)}")
@@ -985,7 +429,7 @@ class RedisStore(StateStore):
     def _write(
         self,
         tenant: str,
-        keys: _Keys,
+        keys: Keys,
         version: int,
         state: TenantState,
         records: Sequence[AuditRecord],
@@ -1016,7 +460,7 @@ class RedisStore(StateStore):
         args += [json.dumps(r.to_dict(), separators=(",", ":")) for r in records]
         try:
             result = self._commit(keys=[*keys.scripted, keys.audit], args=args)
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail(f"write of tenant {shown(tenant)}", exc) from exc
         if not isinstance(result, int) or result == -1:
             return None
@@ -1073,7 +517,7 @@ class RedisStore(StateStore):
         self._check_open()
         try:
             seconds, micros = self._client.time()
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail("TIME", exc) from exc
         return float(seconds) + int(micros) / 1000000
 
@@ -1085,7 +529,7 @@ class RedisStore(StateStore):
         registered: bool,
         registrable: str | None,
         weight: int,
-    ) -> tuple[_Keys, list[str]]:
+    ) -> tuple[Keys, list[str]]:
         """The keys and script arguments of one observation (the held version left blank).
 
         Raises:
@@ -1112,7 +556,7 @@ class RedisStore(StateStore):
         keys = self._tenant_keys(tenant)
         limits = self._limits.get(machine.policy)
         if limits is None:
-            limits = self._limits[machine.policy] = _limit_args(machine.policy)
+            limits = self._limits[machine.policy] = limit_args(machine.policy)
         args = [
             "" if self.server_time else repr(float(now)),
             "1" if registered else "0",
@@ -1127,7 +571,7 @@ class RedisStore(StateStore):
         self,
         machine: BlockMachine,
         tenant: str,
-        keys: _Keys,
+        keys: Keys,
         reply: object,
         registered: bool,
         registrable: str | None,
@@ -1151,7 +595,7 @@ class RedisStore(StateStore):
         except (TypeError, ValueError) as exc:
             raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}") from exc
         if outcome != "slow":
-            effects = _EFFECTS.get(outcome)
+            effects = EFFECTS.get(outcome)
             if effects is None or not isinstance(reply[2], int):
                 raise StoreUnavailable(f"Redis store: bad observe reply {shown(reply)}")
             version = reply[2]
@@ -1211,7 +655,7 @@ class RedisStore(StateStore):
             args[-1] = "" if held is None else str(held[0])
             try:
                 reply = self._observe(keys=keys.scripted, args=args)
-            except _ERRORS as exc:
+            except ERRORS as exc:
                 raise self._fail(f"observe for tenant {shown(tenant)}", exc) from exc
             outcome, created = self._settle(
                 machine, tenant, keys, reply, registered, registrable, weight
@@ -1263,7 +707,7 @@ class RedisStore(StateStore):
         if self._closed:
             closed = StoreUnavailable("Redis store is closed")
             return [closed] * len(batch)
-        prepared: dict[int, _Prepared] = {}
+        prepared: dict[int, Prepared] = {}
         wire = self._wire
         limits = b"" if wire is None else wire.limits(machine.policy)
         for index, ((tenant, registered, registrable, weight), at) in enumerate(
@@ -1282,7 +726,7 @@ class RedisStore(StateStore):
         if unknown:
             try:
                 self._client.sadd(self._registry, *unknown)
-            except _ERRORS as exc:
+            except ERRORS as exc:
                 failed = self._fail("tenant registration", exc)
                 for index in [i for i in prepared if batch[i][0] in unknown]:
                     results[index] = failed
@@ -1308,7 +752,7 @@ class RedisStore(StateStore):
                     waiting.add(tenant)
                     continue
                 if isinstance(reply, NoScriptError) or (
-                    self._cluster and isinstance(reply, _NOT_RUN)
+                    self._cluster and isinstance(reply, NOT_RUN)
                 ):  # the script cache was flushed, or the slot moved: not run
                     if reloads >= 3:
                         results[index] = self._fail(f"observe for tenant {shown(tenant)}", reply)
@@ -1353,20 +797,20 @@ class RedisStore(StateStore):
             if any(isinstance(r, NoScriptError) for r in replies):
                 reloads += 1
                 try:
-                    self._observe.sha = self._client.script_load(_OBSERVE_LUA)
-                except _ERRORS as exc:
+                    self._observe.sha = self._client.script_load(OBSERVE_LUA)
+                except ERRORS as exc:
                     failed = self._fail("script load", exc)
                     for index in retry:
                         results[index] = failed
                     retry = []
             elif isinstance(self._client, redis.RedisCluster) and any(
-                isinstance(r, _NOT_RUN) for r in replies
+                isinstance(r, NOT_RUN) for r in replies
             ):
                 reloads += 1  # the slot table is stale, or a slot is migrating: refresh it
                 time.sleep(0.01 * reloads)
                 try:
                     self._client.nodes_manager.initialize()
-                except _ERRORS as exc:
+                except ERRORS as exc:
                     failed = self._fail("cluster slot table refresh", exc)
                     for index in retry:
                         results[index] = failed
@@ -1374,7 +818,7 @@ class RedisStore(StateStore):
             if created:
                 try:
                     self._client.sadd(self._registry, *created)
-                except _ERRORS as exc:
+                except ERRORS as exc:
                     failed = self._fail("tenant registration", exc)
                     for indexes in created.values():
                         for index in indexes:
@@ -1387,14 +831,14 @@ class RedisStore(StateStore):
     def _round(
         self,
         batch: Sequence[ObserveItem],
-        prepared: Mapping[int, _Prepared],
+        prepared: Mapping[int, Prepared],
         pending: Sequence[int],
     ) -> list[object] | StoreUnavailable:
         """Send one round of a batch: an ``EVALSHA`` per pending item, pipelined; return the
         replies in order (an exception object for an item whose script failed), or the
         `StoreUnavailable` of a failed round trip.
 
-        On a plain ``redis.Redis`` the round is packed by `_Wire` and sent in one write, on Redis
+        On a plain ``redis.Redis`` the round is packed by `Wire` and sent in one write, on Redis
         Cluster packed and split by node (`_cluster_round`; a node's failure is the
         `StoreUnavailable` in place of each of its items' replies); on any other client (a
         subclass) it goes through redis-py's pipeline.  All send the same commands and return
@@ -1430,79 +874,20 @@ class RedisStore(StateStore):
                     packed_token,
                     len(rank_k),
                     rank_k,
-                    _MORE if k + 1 < total[tenant] else _LAST,
+                    MORE if k + 1 < total[tenant] else LAST,
                 )
             )
         if isinstance(self._client, redis.RedisCluster):
-            return self._cluster_round(self._client, wire, prepared, pending, commands)
+            return cluster_round(self._client, wire, prepared, pending, commands, self._fail)
         try:
             return wire.round(b"".join(commands), len(commands))
-        except _ERRORS as exc:
+        except ERRORS as exc:
             return self._fail(f"observe batch of {len(pending)}", exc)
-
-    def _cluster_round(
-        self,
-        client: redis.RedisCluster,
-        wire: _Wire,
-        prepared: Mapping[int, _Prepared],
-        pending: Sequence[int],
-        commands: Sequence[bytes],
-    ) -> list[object]:
-        """`_round` on Redis Cluster: each node's commands (the items whose tenant's slot it
-        serves, in batch order) are written on a connection of that node's pool, to every node
-        before any reply is read; then the replies are read node by node.
-
-        Nothing is ever sent twice (redis-py's cluster pipeline sends every command of a node
-        whose connection failed or timed out again, one by one: a script that may have run would
-        be counted twice).  The items of a node that cannot be reached, or whose replies do not
-        come in time, get the `StoreUnavailable` in place of their reply; the other nodes' items
-        are answered."""
-        replies: list[object] = [None] * len(pending)
-        groups: dict[str, tuple[redis.ConnectionPool, list[int]]] = {}
-        for position, index in enumerate(pending):
-            keys = prepared[index][0]
-            try:
-                if keys.slot < 0:
-                    keyslot: Any = client.keyslot  # untyped
-                    keys.slot = keyslot(keys.state)
-                node = client.nodes_manager.get_node_from_slot(keys.slot)
-                pool = client.get_redis_connection(node).connection_pool
-            except _ERRORS as exc:
-                replies[position] = self._fail("observe batch: no node for the slot", exc)
-                continue
-            groups.setdefault(node.name, (pool, []))[1].append(position)
-        sent: list[tuple[str, redis.ConnectionPool, Any, list[int]]] = []
-        try:
-            for name, (pool, positions) in groups.items():
-                try:
-                    connection = wire.send(pool, b"".join(commands[p] for p in positions))
-                except _ERRORS as exc:
-                    failed = self._fail(f"observe batch of {len(positions)} on {name}", exc)
-                    for position in positions:
-                        replies[position] = failed
-                    continue
-                sent.append((name, pool, connection, positions))
-            while sent:
-                name, pool, connection, positions = sent.pop(0)
-                try:
-                    got = wire.receive(pool, connection, len(positions))
-                except _ERRORS as exc:
-                    failed = self._fail(f"observe batch of {len(positions)} on {name}", exc)
-                    for position in positions:
-                        replies[position] = failed
-                    continue
-                for position, reply in zip(positions, got, strict=True):
-                    replies[position] = reply
-        finally:
-            for _, pool, connection, _ in sent:  # interrupted: replies left unread
-                connection.disconnect()
-                pool.release(connection)
-        return replies
 
     def _pipelined(
         self,
         batch: Sequence[ObserveItem],
-        prepared: Mapping[int, _Prepared],
+        prepared: Mapping[int, Prepared],
         pending: Sequence[int],
         token: str,
         total: Mapping[str, int],
@@ -1529,7 +914,7 @@ class RedisStore(StateStore):
                         "1" if k + 1 < total[tenant] else "0",
                     )
                 replies: list[object] = pipe.execute(raise_on_error=False)
-        except _ERRORS as exc:
+        except ERRORS as exc:
             return self._fail(f"observe batch of {len(pending)}", exc)
         return replies
 
@@ -1588,7 +973,7 @@ class RedisStore(StateStore):
         keys = self._tenant_keys(tenant)
         try:
             rows = self._client.lrange(keys.audit, -int(limit) if limit else 0, -1)
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail(f"history of tenant {shown(tenant)}", exc) from exc
         try:
             return [AuditRecord.from_dict(json.loads(_text(row))) for row in rows]
@@ -1607,9 +992,9 @@ class RedisStore(StateStore):
             members = sorted(_text(m) for m in self._client.smembers(self._registry))
             pipe = self._client.pipeline(transaction=False)
             for member in members:
-                pipe.exists(_Keys(self.prefix, member).state)
+                pipe.exists(Keys(self.prefix, member).state)
             present = pipe.execute()
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise self._fail("tenants", exc) from exc
         except (TypeError, UnicodeDecodeError) as exc:
             raise StoreUnavailable(f"Redis store: corrupt tenant registry: {exc}") from exc

@@ -1,0 +1,144 @@
+"""`MemoryStore`: tenant state in this process's memory (tests, single-process embedding).
+
+Imports only the store contract (`domainpolicy._stores.base`) and the pure core.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from domainpolicy._blockstate import (
+    BlockMachine,
+    Effects,
+    InvalidEvent,
+    TenantState,
+)
+from domainpolicy._stores.base import (
+    AuditRecord,
+    Mutation,
+    ObserveItem,
+    ObserveResult,
+    StateStore,
+    apply_and_audit,
+    audit_records,
+    batch_times,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore(StateStore):
+    """State in this process's memory: for tests and single-process embedding.
+
+    Thread-safe (one lock); lost when the process exits.
+    """
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[str, TenantState] = {}
+        self._audit: dict[str, list[AuditRecord]] = {}
+
+    def observe(
+        self,
+        machine: BlockMachine,
+        tenant: str,
+        now: float,
+        *,
+        registered: bool,
+        registrable: str | None,
+        weight: int = 1,
+    ) -> tuple[TenantState, Effects]:
+        with self._lock:
+            state = self._states.get(tenant)
+            if state is None:
+                state = TenantState.new(tenant)
+            # observe() validates its arguments before counting anything; at worst a refused
+            # observation has moved the window's head forward, which expires nothing the next
+            # observation at that time would not have expired too.  (`observe_and_audit`,
+            # inline: an observation that changes no state leaves no audit record.)
+            before = state.state
+            new, effects = machine.observe(
+                state, now, registered=registered, registrable=registrable, weight=weight
+            )
+            self._states[tenant] = new
+            if effects.transitions:
+                self._audit.setdefault(tenant, []).extend(
+                    audit_records(tenant, now, "observe", None, {}, before, new.state, effects)
+                )
+            return new, effects
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """`StateStore.observe_many` under one acquisition of the store's lock.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult] = []
+        append = results.append
+        states = self._states
+        with self._lock:
+            for (tenant, registered, registrable, weight), at in zip(batch, times, strict=True):
+                try:
+                    state = states.get(tenant)
+                    if state is None:
+                        state = TenantState.new(tenant)
+                    before = state.state
+                    new, effects = machine.observe(
+                        state, at, registered=registered, registrable=registrable, weight=weight
+                    )
+                except InvalidEvent as exc:
+                    append(exc)
+                    continue
+                states[tenant] = new
+                if effects.transitions:
+                    self._audit.setdefault(tenant, []).extend(
+                        audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
+                    )
+                append((new, effects))
+        return results
+
+    def apply(
+        self,
+        tenant: str,
+        mutation: Mutation,
+        now: float,
+        *,
+        action: str,
+        actor: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> tuple[TenantState, Effects]:
+        with self._lock:
+            state = self._states.get(tenant) or TenantState.new(tenant)
+            new, effects, records = apply_and_audit(
+                state, mutation, now, action=action, actor=actor, detail=detail
+            )
+            self._states[tenant] = new
+            self._audit.setdefault(tenant, []).extend(records)
+            return new, effects
+
+    def load(self, tenant: str) -> TenantState:
+        with self._lock:
+            state = self._states.get(tenant)
+            if state is None:
+                return TenantState.new(tenant)
+            return TenantState.from_dict(state.to_dict())
+
+    def history(self, tenant: str, *, limit: int | None = None) -> list[AuditRecord]:
+        with self._lock:
+            records = list(self._audit.get(tenant, ()))
+        return records[-limit:] if limit else records
+
+    def tenants(self) -> list[str]:
+        with self._lock:
+            return sorted(self._states)

@@ -1,0 +1,374 @@
+"""`SQLiteStore`: tenant state and the audit trail in one SQLite file, shared by the processes
+of one host (WAL; one ``BEGIN IMMEDIATE`` transaction per observation, batch or admin event).
+
+Imports only the store contract (`domainpolicy._stores.base`) and the pure core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any, Final, cast
+
+from domainpolicy._blockstate import (
+    BlockMachine,
+    Effects,
+    InvalidEvent,
+    InvalidTenantState,
+    TenantState,
+)
+from domainpolicy._errors import InvalidConfiguration, StoreUnavailable
+from domainpolicy._stores.base import (
+    AuditRecord,
+    Mutation,
+    ObserveItem,
+    ObserveResult,
+    StateStore,
+    apply_and_audit,
+    batch_times,
+    observe_and_audit,
+)
+
+__all__ = ["SQLITE_SCHEMA_VERSION", "SQLiteStore"]
+
+SQLITE_SCHEMA_VERSION: Final = 1
+
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # version 0 -> 1
+    (
+        """CREATE TABLE tenant_state (
+               tenant TEXT PRIMARY KEY,
+               version INTEGER NOT NULL,
+               state TEXT NOT NULL,
+               updated_at REAL NOT NULL
+           )""",
+        """CREATE TABLE audit (
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               tenant TEXT NOT NULL,
+               at REAL NOT NULL,
+               record TEXT NOT NULL
+           )""",
+        "CREATE INDEX audit_by_tenant ON audit (tenant, id)",
+    ),
+)
+
+
+class _CorruptState(StoreUnavailable):
+    """One tenant's stored state is corrupt (the store itself still works)."""
+
+
+class SQLiteStore(StateStore):
+    """State in one SQLite file: the embedded default, safe for several processes on one host.
+
+    WAL journal, ``BEGIN IMMEDIATE`` write transactions (so concurrent writers queue on the
+    file's write lock instead of failing), a busy timeout, one connection per thread, the schema
+    versioned in ``PRAGMA user_version`` and migrated on open.  Each transaction commits the
+    state and its audit records together, so a crash between steps leaves either all of an
+    event or none of it.
+
+    Args:
+        path: the database file (created if missing).
+        timeout: seconds to wait for the write lock before `StoreUnavailable`.
+        synchronous: SQLite's ``synchronous`` pragma.  ``NORMAL`` (default): in WAL mode every
+            committed transaction survives a crash of the process; an operating-system crash or
+            power loss can roll back the last transactions (counts, and a block that happened
+            just then).  ``FULL``: every commit is also fsynced, durable across power loss, about
+            eight times slower (2k against 17k decisions/s on the reference machine).
+
+    Raises:
+        StoreUnavailable: the file cannot be opened or migrated.
+        InvalidConfiguration: *path* is ``:memory:``, *synchronous* is not ``FULL`` or
+            ``NORMAL``, or the file's schema is newer than this domainpolicy understands.
+    """
+
+    kind = "sqlite"
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, timeout: float = 5.0, synchronous: str = "NORMAL"
+    ) -> None:
+        if synchronous not in ("FULL", "NORMAL"):
+            raise InvalidConfiguration([f"synchronous={synchronous!r}: must be FULL or NORMAL"])
+        self.path = os.fspath(path)
+        if self.path == ":memory:" or self.path.startswith("file:"):
+            # One connection per thread: an in-memory database would be a different, empty
+            # database in every thread.
+            raise InvalidConfiguration(
+                [f"SQLite path {self.path!r}: use a file (or MemoryStore for state in memory)"]
+            )
+        self.timeout = float(timeout)
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        with self._transaction() as db:
+            self._migrate(db)
+
+    # -- connections ------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailable(f"SQLite store {self.path!r} is closed")
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                db = sqlite3.connect(
+                    self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+                db.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"cannot open SQLite store {self.path!r}: {exc}") from exc
+            self._local.db = db
+            self._local.cache = {}
+            with self._all_lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        try:
+            yield db
+        except BaseException:
+            self._local.cache = {}
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._local.cache = {}
+            with suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise StoreUnavailable(f"SQLite store {self.path!r}: commit failed: {exc}") from exc
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        try:
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+            if version > SQLITE_SCHEMA_VERSION:
+                raise InvalidConfiguration(
+                    [
+                        f"SQLite store {self.path!r} has schema version {version}; this "
+                        f"domainpolicy understands up to {SQLITE_SCHEMA_VERSION}"
+                    ]
+                )
+            for step in _MIGRATIONS[version:]:
+                for statement in step:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SQLITE_SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot migrate SQLite store {self.path!r}: {exc}") from exc
+
+    # -- state ------------------------------------------------------------------
+
+    def _read(self, db: sqlite3.Connection, tenant: str) -> tuple[int, TenantState]:
+        cache: dict[str, tuple[int, TenantState]] = self._local.cache
+        try:
+            row = db.execute(
+                "SELECT version FROM tenant_state WHERE tenant = ?", (tenant,)
+            ).fetchone()
+            if row is None:
+                return 0, TenantState.new(tenant)
+            version = int(row[0])
+            cached = cache.get(tenant)
+            if cached is not None and cached[0] == version:
+                return cached
+            (text,) = db.execute(
+                "SELECT state FROM tenant_state WHERE tenant = ?", (tenant,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        try:
+            state = TenantState.from_dict(json.loads(text))
+        except (ValueError, InvalidTenantState) as exc:
+            raise _CorruptState(
+                f"SQLite store {self.path!r} holds a corrupt state for tenant {tenant!r}: {exc}"
+            ) from exc
+        return version, state
+
+    def _write(
+        self,
+        db: sqlite3.Connection,
+        tenant: str,
+        version: int,
+        state: TenantState,
+        now: float,
+        records: Sequence[AuditRecord],
+    ) -> None:
+        text = json.dumps(state.to_dict(), separators=(",", ":"))
+        try:
+            if version == 0:
+                db.execute(
+                    "INSERT INTO tenant_state (tenant, version, state, updated_at) "
+                    "VALUES (?, 1, ?, ?)",
+                    (tenant, text, now),
+                )
+            else:
+                db.execute(
+                    "UPDATE tenant_state SET version = ?, state = ?, updated_at = ? "
+                    "WHERE tenant = ?",
+                    (version + 1, text, now, tenant),
+                )
+            if records:
+                db.executemany(
+                    "INSERT INTO audit (tenant, at, record) VALUES (?, ?, ?)",
+                    [
+                        (r.tenant, r.at, json.dumps(r.to_dict(), separators=(",", ":")))
+                        for r in records
+                    ],
+                )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        self._local.cache[tenant] = (version + 1, state)
+
+    def observe(
+        self,
+        machine: BlockMachine,
+        tenant: str,
+        now: float,
+        *,
+        registered: bool,
+        registrable: str | None,
+        weight: int = 1,
+    ) -> tuple[TenantState, Effects]:
+        with self._transaction() as db:
+            version, state = self._read(db, tenant)
+            new, effects, records = observe_and_audit(
+                machine, state, now, registered=registered, registrable=registrable, weight=weight
+            )
+            self._write(db, tenant, version, new, now, records)
+            return new, effects
+
+    def observe_many(
+        self,
+        machine: BlockMachine,
+        items: Iterable[ObserveItem],
+        now: float | Sequence[float],
+    ) -> list[ObserveResult]:
+        """`StateStore.observe_many` in **one** write transaction (one commit for the batch).
+
+        Each tenant of the batch is read once and written once, with the audit records of its
+        observations in order.  When the store fails (locked past its timeout, the commit
+        fails...) the transaction rolls back and every item gets that `StoreUnavailable`:
+        nothing of the batch is counted.  An item with malformed arguments gets its
+        `InvalidEvent`, and an item of a tenant whose stored state is corrupt its
+        `StoreUnavailable`, as `observe` would raise them; the rest of the batch is applied.
+
+        Raises:
+            InvalidEvent: *now* is a sequence whose length is not the number of items.
+        """
+        batch = list(items)
+        times = batch_times(now, len(batch))
+        results: list[ObserveResult | None] = [None] * len(batch)
+        try:
+            with self._transaction() as db:
+                # tenant -> [version read, state, audit records of the batch]
+                working: dict[str, tuple[int, TenantState, list[AuditRecord]]] = {}
+                last_at: dict[str, float] = {}
+                for index, ((tenant, registered, registrable, weight), at) in enumerate(
+                    zip(batch, times, strict=True)
+                ):
+                    try:
+                        entry = working.get(tenant)
+                        if entry is None:
+                            entry = (*self._read(db, tenant), [])
+                        new, effects, records = observe_and_audit(
+                            machine,
+                            entry[1],
+                            at,
+                            registered=registered,
+                            registrable=registrable,
+                            weight=weight,
+                        )
+                    except (InvalidEvent, _CorruptState) as exc:
+                        results[index] = exc
+                        continue
+                    if records:
+                        entry[2].extend(records)
+                    working[tenant] = (entry[0], new, entry[2])
+                    last_at[tenant] = at
+                    results[index] = (new, effects)
+                for tenant, (version, state, records) in working.items():
+                    self._write(db, tenant, version, state, last_at[tenant], records)
+        except StoreUnavailable as exc:
+            # Rolled back: what was decided before the failure is void, except the items that
+            # `observe` would have refused whatever the store (malformed arguments).
+            return [r if isinstance(r, InvalidEvent) else exc for r in results]
+        return cast(list[ObserveResult], results)
+
+    def apply(
+        self,
+        tenant: str,
+        mutation: Mutation,
+        now: float,
+        *,
+        action: str,
+        actor: str | None = None,
+        detail: Mapping[str, Any] | None = None,
+    ) -> tuple[TenantState, Effects]:
+        with self._transaction() as db:
+            version, state = self._read(db, tenant)
+            new, effects, records = apply_and_audit(
+                state, mutation, now, action=action, actor=actor, detail=detail
+            )
+            self._write(db, tenant, version, new, now, records)
+            return new, effects
+
+    def load(self, tenant: str) -> TenantState:
+        db = self._connection()
+        self._local.cache.pop(tenant, None)
+        try:
+            db.execute("BEGIN")
+            try:
+                _, state = self._read(db, tenant)
+            finally:
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return TenantState.from_dict(state.to_dict())
+
+    def history(self, tenant: str, *, limit: int | None = None) -> list[AuditRecord]:
+        db = self._connection()
+        try:
+            if limit:
+                rows = db.execute(
+                    "SELECT record FROM (SELECT id, record FROM audit WHERE tenant = ? "
+                    "ORDER BY id DESC LIMIT ?) ORDER BY id",
+                    (tenant, int(limit)),
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT record FROM audit WHERE tenant = ? ORDER BY id", (tenant,)
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        try:
+            return [AuditRecord.from_dict(json.loads(text)) for (text,) in rows]
+        except ValueError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: corrupt audit: {exc}") from exc
+
+    def tenants(self) -> list[str]:
+        db = self._connection()
+        try:
+            rows = db.execute("SELECT tenant FROM tenant_state ORDER BY tenant").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return [tenant for (tenant,) in rows]
+
+    def close(self) -> None:
+        self._closed = True
+        with self._all_lock:
+            for db in self._all:
+                with suppress(sqlite3.Error):
+                    db.close()
+            self._all.clear()
