@@ -122,6 +122,15 @@ many times faster than compiling.
 
 Thread safety: a `DomainMatcher` is immutable once built; `DomainMatcher.with_changes` returns a
 new matcher (the table is copied, never mutated), so a server swaps one reference atomically.
+
+Why one file
+------------
+The matcher is one data layout (the owner and node tuples, the folded key blob of a batch) read
+by three paths: the lookups, the compiler and the snapshot reader.  Each path is tuned against
+the exact shape of that layout (C-level ``map``/``compress`` pipelines over it, positions in the
+owner tuples), so a change of the layout is one change in one file, reviewed and measured as a
+whole; split by path, every layout change would touch three modules that must agree
+byte-for-byte.
 """
 
 from __future__ import annotations
