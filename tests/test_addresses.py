@@ -71,6 +71,8 @@ INVALID = [
     ("a.@example.com", "bad_local_part"),
     ("a b@example.com", "bad_local_part"),
     ("a\r\nb@example.com", "bad_local_part"),
+    ("a\ufffdb@example.com", "bad_local_part"),  # octets that were not UTF-8
+    ('"a\ufffd"@example.com', "bad_quoted_string"),
     ('"abc@example.com', "bad_quoted_string"),
     ('"a\x00"@example.com', "bad_quoted_string"),
     ('"a\\\x00"@example.com', "bad_quoted_string"),

@@ -1300,6 +1300,27 @@ def test_make_handler_skips_states_without_envelope(state: str) -> None:
     assert policy.store.tenants() == []
 
 
+@pytest.mark.parametrize("state", ["", "rcpt", "Rcpt", "BDAT", "NOT-A-STATE"])
+def test_make_handler_decides_missing_or_unknown_states(state: str) -> None:
+    """A missing or unknown protocol_state is no way around the counting: it is decided."""
+    policy = relay_policy()
+    assert ask(make_handler(policy), rcpt("x@spam.example", protocol_state=state)) == ["DUNNO"]
+    status = policy.status("contoso")
+    assert (status.total, status.unregistered) == (1, 1)
+
+
+def test_make_handler_refuses_a_sender_that_was_not_utf8() -> None:
+    """Octets that were not UTF-8 in the sender (U+FFFD after parsing) are a bad sender, not
+    an SMTPUTF8 address to accept."""
+    request = parse_request(
+        b"request=smtpd_access_policy\nprotocol_state=RCPT\nsender=a\xffb@contoso.example\n"
+        b"recipient=bob@dest.example\nclient_address=127.0.0.1\ninstance=m1\n\n"
+    )
+    assert request.sender == "a\ufffdb@contoso.example"
+    (action,) = ask(make_handler(relay_policy()), request)
+    assert action.split()[0][0] == "5", action
+
+
 def test_make_handler_without_instance_decides_each_request() -> None:
     """A request without an instance is decided (and counted) on its own."""
     policy = relay_policy()

@@ -610,8 +610,14 @@ def _is_atext(char: str) -> bool:
 
 
 def _is_utf8_char(char: str) -> bool:
-    """A non-ASCII character that may appear in SMTPUTF8 text (no surrogates, no controls)."""
-    return not (0xD800 <= ord(char) <= 0xDFFF) and unicodedata.category(char) not in ("Cc", "Cs")
+    """A non-ASCII character that may appear in SMTPUTF8 text: no surrogates, no controls, and
+    no U+FFFD REPLACEMENT CHARACTER, the mark decoders leave where the octets were not UTF-8 (an
+    MTA that decodes with replacement, as the Postfix policy parser does, passes it on)."""
+    return (
+        not (0xD800 <= ord(char) <= 0xDFFF)
+        and char != "\ufffd"
+        and unicodedata.category(char) not in ("Cc", "Cs")
+    )
 
 
 def _is_qtext(char: str) -> bool:
@@ -673,6 +679,12 @@ def _address_error(
     return InvalidAddress(text, reason, detail, position)
 
 
+def _not_allowed(char: str, where: str) -> str:
+    if char == "\ufffd":
+        return f"U+FFFD is not allowed in {where} (the mark of octets that were not UTF-8)"
+    return f"U+{ord(char):04X} is not allowed in {where}"
+
+
 def _scan_local_part(text: str, start: int, end: int) -> int:
     """Return the index of the '@' that ends the local part in ``text[start:end]``."""
     if start < end and text[start] == '"':
@@ -694,10 +706,7 @@ def _scan_local_part(text: str, start: int, end: int) -> int:
                 i += 1
             else:
                 raise _address_error(
-                    text,
-                    "bad_quoted_string",
-                    f"U+{ord(char):04X} is not allowed in a quoted local part",
-                    i,
+                    text, "bad_quoted_string", _not_allowed(char, "a quoted local part"), i
                 )
         else:
             raise _address_error(text, "bad_quoted_string", "unterminated quoted local part", start)
@@ -720,9 +729,7 @@ def _scan_local_part(text: str, start: int, end: int) -> int:
                     i,
                 )
         elif not _is_atext(char):
-            raise _address_error(
-                text, "bad_local_part", f"U+{ord(char):04X} is not allowed in a local part", i
-            )
+            raise _address_error(text, "bad_local_part", _not_allowed(char, "a local part"), i)
         previous = char
         i += 1
     if i >= end:

@@ -149,8 +149,13 @@ DECIDING_STATES: Final = frozenset({"MAIL", "RCPT", "DATA", "END-OF-MESSAGE"})
 
 ``CONNECT``, ``EHLO``/``HELO``, ``VRFY`` and ``ETRN`` carry no envelope sender, so there is
 nothing to decide (and nothing is counted).  Put ``check_policy_service`` in
-``smtpd_relay_restrictions`` (state ``RCPT``), as documented.
+``smtpd_relay_restrictions`` (state ``RCPT``), as documented.  A request whose
+``protocol_state`` is missing or is none of the states Postfix sends (they are upper case: a
+lower-case ``rcpt`` is not one) is decided too: an unknown state is never a way around the
+counting.
 """
+
+_ENVELOPE_FREE_STATES: Final = frozenset({"CONNECT", "EHLO", "HELO", "VRFY", "ETRN"})
 
 _CN_RE: Final = re.compile(r"(?:^|[,/+])\s*CN\s*=\s*([^,/+]+)", re.IGNORECASE)
 _FINGERPRINT_SEPARATORS: Final = str.maketrans("", "", ":- ")
@@ -324,7 +329,8 @@ def make_handler(
     * **Answer.**  ``DUNNO`` when accepted (the remaining restrictions decide), else the reply
       as one line, ``<code> <status> <text>``, from ``decision.reply.single_line(reserve=
       POSTFIX_REJECT_RESERVE)`` (room for the ``<rcpt>: Recipient address rejected:`` text
-      Postfix inserts).  States without an envelope (`DECIDING_STATES`) get ``DUNNO``.
+      Postfix inserts).  States without an envelope (``CONNECT``, ``EHLO``, ``HELO``, ``VRFY``,
+      ``ETRN``) get ``DUNNO``; a missing or unknown state is decided (see `DECIDING_STATES`).
     * **Log line.**  `annotate` adds ``tenant``, ``sender_domain``, ``verdict`` (``accept``,
       ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason``, ``cached``
       (the decision of an earlier recipient) and, for a request decided in the worker thread,
@@ -407,7 +413,8 @@ def make_handler(
         return decision
 
     async def handler(request: PolicyRequest) -> str:
-        if request.protocol_state not in DECIDING_STATES:
+        state = request.protocol_state
+        if state in _ENVELOPE_FREE_STATES:
             annotate(verdict="skip", reason="protocol_state")
             return "DUNNO"
         relay = relay_request(request, pinned=pinned)
