@@ -33,13 +33,22 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from domainpolicy._blockstate import ChecklistIncomplete
-from domainpolicy._config import load_config
+from domainpolicy._config import PolicyConfig
 from domainpolicy._connectors import InboundConnector
-from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
+from domainpolicy._errors import DomainPolicyError
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
 from domainpolicy._stores import SQLiteStore, StateStore, open_store
 
-from .common import EXIT_INVALID, EXIT_OK, Command, Progress, add_progress_option
+from .common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Command,
+    CommandError,
+    Progress,
+    add_progress_option,
+    one_line,
+    read_config,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -284,8 +293,55 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     add_progress_option(parser)
 
 
+_USAGE = "domainpolicy replay LOG.jsonl --config TENANTS.toml"
+
+
+def _swapped(args: argparse.Namespace) -> str:
+    """A hint when the relay log and the configuration look swapped, else ``""``."""
+    log, config = str(args.log).lower(), str(args.config).lower()
+    if log.endswith(".toml"):
+        return f" (the arguments look swapped; usage: {_USAGE})"
+    if config.endswith((".jsonl", ".json", ".log")):
+        return f" (--config takes the TOML configuration; usage: {_USAGE})"
+    return ""
+
+
+def _open_log(args: argparse.Namespace) -> tuple[Any, int]:
+    """The relay log's binary handle (stdin for ``-``) and its size (0 if unknown).
+
+    Raises:
+        CommandError: the log cannot be read, or is a configuration file (a ``.toml``).
+    """
+    if args.log == "-":
+        return sys.stdin.buffer, 0
+    hint = _swapped(args)
+    if str(args.log).lower().endswith(".toml"):
+        raise CommandError(f"relay log {args.log!r} is a TOML file, not JSON lines{hint}")
+    try:
+        handle = open(args.log, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read relay log {args.log!r}: {exc.strerror or exc}{hint}"
+        ) from exc
+    return handle, os.fstat(handle.fileno()).st_size
+
+
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    config = load_config(args.config)
+    handle, total = _open_log(args)
+    try:
+        try:
+            config = read_config(args.config)
+        except (CommandError, DomainPolicyError) as exc:
+            raise CommandError(one_line(exc) + _swapped(args)) from exc
+        return _run_with(args, out, config, handle, total)
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+
+
+def _run_with(
+    args: argparse.Namespace, out: TextIO, config: PolicyConfig, handle: Any, total: int
+) -> int:
     clock = [0.0]
     with tempfile.TemporaryDirectory(prefix="domainpolicy-replay-") as scratch:
         store: StateStore = (
@@ -295,22 +351,20 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         )
         try:
             policy = config.build_policy(store=store, clock=lambda: clock[0])
-            return _replay(args, out, policy, clock)
+            return _replay(args, out, policy, clock, handle, total)
         finally:
             store.close()
 
 
-def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: list[float]) -> int:
+def _replay(
+    args: argparse.Namespace,
+    out: TextIO,
+    policy: RelayPolicy,
+    clock: list[float],
+    handle: Any,
+    total: int,
+) -> int:
     replay = _Replay(policy, out, args.json)
-    handle: Any
-    if args.log == "-":
-        handle, total = sys.stdin.buffer, 0
-    else:
-        try:
-            handle = open(args.log, "rb")  # noqa: SIM115 - closed below
-            total = os.fstat(handle.fileno()).st_size
-        except OSError as exc:
-            raise InvalidConfiguration([f"cannot read relay log {args.log!r}: {exc}"]) from exc
     progress = Progress(total, args)
     bad = 0
     done = 0
@@ -357,8 +411,6 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
         flush()
     finally:
         progress.finish()
-        if handle is not sys.stdin.buffer:
-            handle.close()
     if not args.json:
         out.write("\n== final state ==\n")
     tenants = sorted(set(policy.store.tenants()) | set(policy.matcher.tenants()))

@@ -50,19 +50,12 @@ from domainpolicy.integrations.postfix import (
     parse_listen_address,
 )
 
-from .common import EXIT_OK, EXIT_USAGE, Command
+from .common import EXIT_OK, EXIT_USAGE, Command, CommandError, one_line, read_config
 
 __all__ = ["COMMANDS"]
 
 _log = logging.getLogger("domainpolicy.serve")
 _LEVELS = ("debug", "info", "warning", "error")
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
 def _error(message: str) -> int:
@@ -223,14 +216,14 @@ async def _serve(
         try:
             await server.start(listen)
         except (DomainPolicyError, OSError) as exc:
-            return _error(f"cannot listen on {args.listen}: {_one_line(exc)}")
+            return _error(f"cannot listen on {args.listen}: {one_line(exc)}")
         if metrics is not None:
             assert metrics.host is not None
             assert metrics.port is not None
             try:
                 endpoint = await server.start_metrics(metrics.host, metrics.port)
             except (DomainPolicyError, OSError) as exc:
-                return _error(f"cannot serve metrics on {args.metrics}: {_one_line(exc)}")
+                return _error(f"cannot serve metrics on {args.metrics}: {one_line(exc)}")
         remove = install_signal_handlers(asyncio.get_running_loop(), server.reload, server.close)
         try:
             record: dict[str, object] = {"listening": str(server.address)}
@@ -265,25 +258,25 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     try:
         listen = parse_listen_address(args.listen)
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         metrics = _metrics_address(args.metrics) if args.metrics is not None else None
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
-        config = load_config(args.config)
-    except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        config = read_config(args.config)
+    except (CommandError, DomainPolicyError) as exc:
+        return _error(one_line(exc))
     store: StateStore
     try:
         store = open_store(args.store) if args.store is not None else config.open_store()
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         try:
             policy = config.build_policy(store=store)
         except DomainPolicyError as exc:
-            return _error(_one_line(exc))
+            return _error(one_line(exc))
         logging.basicConfig(
             level=getattr(logging, args.log_level.upper()),
             stream=sys.stderr,
