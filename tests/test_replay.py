@@ -303,3 +303,35 @@ def test_swapped_arguments_get_a_hint(capsys: pytest.CaptureFixture[str]) -> Non
     line = _error_line(capsys)
     assert line.startswith(f"invalid configuration in {jsonl}: not valid TOML")
     assert "--config takes the TOML configuration" in line
+
+
+def test_repeated_refusals_are_summarised() -> None:
+    """A refusal repeating the reply of one printed before is counted, not printed; --verbose
+    prints every one in full."""
+    _, text = run()
+    assert text.count("550 5.7.750 See https://") == 1
+    assert "... and 12 more refusals like m-0019: m-0020 to m-0031" in text
+    assert "... and 9 more refusals like m-0019: m-0033 to m-0041" in text
+    _, verbose = run("--verbose")
+    assert verbose.count("550 5.7.750 See https://") == 22
+    assert "more refusals like" not in verbose
+    # The summary counts every decision either way.
+    assert text.splitlines()[-1] == verbose.splitlines()[-1]
+
+
+def test_replay_text_details() -> None:
+    """Admin lines say their domain or connector; one sentence is not said twice; plurals."""
+    _, text = run()
+    assert "connector_created contoso (relay-9) by operator -> ok" in text
+    assert "register_domain contoso (contoso-news.com) by admin@contoso.com -> ok" in text
+    assert "review_connector contoso (relay-9, removed) by admin@contoso.com" in text
+    assert "declare_not_ours contoso (secure-bank.example, pay-pal-login.example, " in text
+    assert "request_unblock contoso (5.7.750) by admin@contoso.com -> REFUSED" in text
+    lines = text.splitlines()
+    crossing = next(i for i, line in enumerate(lines) if " m-0019 " in line)
+    assert lines[crossing + 3].strip() == "ALERT blocked"
+    assert "ALERT approaching_limit: 7 unregistered messages" in text
+    assert "1 distinct unregistered domain)" in text
+    assert "0 distinct unregistered domains)" in text
+    assert "tenant fabrikam: active" in text
+    assert "  audit trail: (none)" in text

@@ -632,7 +632,8 @@ class RelayPolicy:
         return state
 
     def status(self, tenant: str, *, history: int | None = 50) -> TenantStatus:
-        """The tenant's state, counts in the window, checklist and recent history.
+        """The tenant's state, counts in the window, checklist and recent history (the newest
+        *history* audit records; None: all of them; 0: none, without reading them).
 
         Raises:
             StoreUnavailable: the store failed.
@@ -649,7 +650,7 @@ class RelayPolicy:
             probation_until=state.probation_until,
             checklist=checklist,
             accepted_domains=self._matcher.domains_of(tenant),
-            history=tuple(self.store.history(tenant, limit=history)),
+            history=() if history == 0 else tuple(self.store.history(tenant, limit=history)),
             raw=state,
         )
 

@@ -99,6 +99,17 @@ def _aware_datetime(text: str) -> datetime.datetime:
     return value
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -353,7 +364,8 @@ def _status_text(status: TenantStatus, now: float) -> str:
             lines.append(f"  unblock request pending since {_stamp(block.request.at)}")
     lines.append(
         f"  window: {status.total} relayed, {status.unregistered} from unregistered domains, "
-        f"{status.distinct_domains} distinct unregistered domains"
+        f"{status.distinct_domains} distinct unregistered "
+        f"domain{'' if status.distinct_domains == 1 else 's'}"
     )
     if status.probation_until is not None:
         word = "on probation until" if status.raw.on_probation(now) else "probation ended"
@@ -649,10 +661,10 @@ def _configure_tenant(parser: argparse.ArgumentParser) -> None:
     _add_tenant_common(status, config_required=True)
     status.add_argument(
         "--history",
-        type=_positive_int,
+        type=_count,
         default=10,
         metavar="N",
-        help="audit records to show (default: 10)",
+        help="audit records to show (default: 10; 0: none)",
     )
     history = commands.add_parser(
         "history",
