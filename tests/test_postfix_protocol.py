@@ -839,6 +839,75 @@ def test_unix_socket_server(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def _socket_groups() -> list[int | str]:
+    """Groups this process may give a socket to: its own gid; as root also ``nogroup``."""
+    import grp
+
+    groups: list[int | str] = [os.getgid()]
+    if os.geteuid() == 0:
+        try:
+            grp.getgrnam("nogroup")
+        except KeyError:
+            pass
+        else:
+            groups.append("nogroup")
+    return groups
+
+
+@pytest.mark.parametrize("group", _socket_groups())
+def test_unix_socket_mode_and_group(tmp_path: Path, group: int | str) -> None:
+    """unix_socket_mode and unix_socket_group set the bound socket's mode and group."""
+    import grp
+
+    path = tmp_path / "policy.sock"
+    gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+    settings = ServerSettings(unix_socket_mode=0o666, unix_socket_group=group)
+
+    async def scenario() -> os.stat_result:
+        server = PolicyServer(dunno, settings=settings)
+        await server.start(f"unix:{path}")
+        try:
+            return path.stat()
+        finally:
+            await server.close()
+
+    info = run(scenario())
+    assert oct(info.st_mode & 0o777) == oct(0o666)
+    assert info.st_gid == gid
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"unix_socket_mode": 0o1777}, "unix_socket_mode must be permission bits"),
+        ({"unix_socket_mode": -1}, "unix_socket_mode must be permission bits"),
+        ({"unix_socket_group": "no-such-group-here"}, "'no-such-group-here' does not exist"),
+        ({"unix_socket_group": -3}, "is not a gid"),
+        ({"unix_socket_group": 1.5}, "must be a name or a gid"),
+    ],
+)
+def test_unix_socket_settings_are_validated(options: dict[str, Any], message: str) -> None:
+    """A bad socket mode or an unknown group is one InvalidConfiguration."""
+    with pytest.raises(InvalidConfiguration, match=message):
+        ServerSettings(**options)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may give a socket to any group")
+def test_unix_socket_group_not_allowed_is_refused(tmp_path: Path) -> None:
+    """A group the server may not give the socket to: InvalidConfiguration, no socket left."""
+    path = tmp_path / "policy.sock"
+    settings = ServerSettings(unix_socket_group=0)  # root's group; we are not root
+
+    async def scenario() -> None:
+        server = PolicyServer(dunno, settings=settings)
+        with pytest.raises(InvalidConfiguration, match="cannot set the group 0"):
+            await server.start(f"unix:{path}")
+        await server.close()
+
+    run(scenario())
+
+
 def test_unix_socket_in_use_is_refused(tmp_path: Path) -> None:
     """Starting on a UNIX socket a live server owns is refused; a non-socket file too."""
     path = tmp_path / "policy.sock"
@@ -1318,6 +1387,30 @@ def test_make_handler_null_sender_and_no_tenant() -> None:
     )
     assert answers[0] == "DUNNO"
     assert answers[1].startswith("550 5.7.64 ")
+
+
+def test_make_handler_permit_connectors_answers_ok() -> None:
+    """With permit_connectors, accepted mail a connector attributed gets OK (permit); refusals
+    and mail of no tenant are unchanged, and without the option it stays DUNNO."""
+    policy = relay_policy()
+    asked = [
+        rcpt("alice@contoso.example", instance="a"),
+        rcpt("x@spam.example", instance="b"),
+        rcpt("", instance="bounce"),
+        rcpt("x@stranger.example", client_address="192.0.2.1", instance="s"),
+        rcpt("alice@contoso.example", client_address="192.0.2.1", instance="d"),
+    ]
+    answers = ask(make_handler(policy, permit_connectors=True), *asked)
+    assert answers[:3] == ["OK", "OK", "OK"]
+    assert answers[3].startswith("550 5.7.64 ")
+    assert answers[4] == "DUNNO"  # the tenant comes from the sender's domain, not a connector
+    policy.block("contoso", by="ops", reason="test")
+    blocked = ask(
+        make_handler(policy, permit_connectors=True), rcpt("x@spam.example", instance="c")
+    )
+    assert blocked == [REJECT_TEXT]
+    plain = ask(make_handler(relay_policy()), rcpt("alice@contoso.example", instance="a"))
+    assert plain == ["DUNNO"]
 
 
 def test_make_handler_annotates_the_log_line(caplog: pytest.LogCaptureFixture) -> None:

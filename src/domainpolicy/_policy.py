@@ -331,6 +331,16 @@ class RelayPolicy:
         """The connector table in force."""
         return self._connectors
 
+    def connector_tenant(self, request: RelayRequest) -> str | None:
+        """The tenant an inbound connector attributes *request* to, by client IP or TLS
+        certificate, exactly as `evaluate` does; None when there are no connectors, no client
+        IP, or no connector matches (a decision's tenant may also come from the sender's
+        domain).  Cached like `evaluate`'s attribution."""
+        if self._connectors is None or request.client_ip is None:
+            return None
+        names = _certificate_names(request) if request.tls_cert_names else request.tls_cert_name
+        return self._attribute(request.client_ip, names)
+
     def reload(
         self,
         *,

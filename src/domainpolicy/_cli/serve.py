@@ -4,6 +4,7 @@
 
     domainpolicy serve --config tenants.toml --listen 127.0.0.1:10040 [--store URL]
         [--metrics 127.0.0.1:9100] [--request-timeout 2] [--max-batch 256] [--log-level info]
+        [--socket-mode 0660] [--socket-group postfix] [--permit-connectors]
 
 It loads the configuration, opens the store (``--store`` or the configured one), builds the
 `RelayPolicy` and serves it with `PolicyServer` and `make_handler`.  Once listening it prints
@@ -83,6 +84,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _socket_mode(text: str) -> int:
+    """argparse type: permission bits in octal (``0660``, ``660``, ``0o666``)."""
+    digits = text.lower().removeprefix("0o")
+    try:
+        value = int(digits, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0000 and 0777")
+    return value
+
+
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "SIGHUP reloads the configuration (accepted domains, connectors, replies); "
@@ -133,6 +146,24 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         f"running together, at most N at a time (default {DEFAULT_MAX_BATCH}; 1: one at a time)",
     )
     parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        metavar="MODE",
+        help="permissions of a unix: socket, in octal (default 0660: owner and group; 0666: "
+        "anyone on the host)",
+    )
+    parser.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give a unix: socket to this group (a name or a gid, e.g. postfix) after binding",
+    )
+    parser.add_argument(
+        "--permit-connectors",
+        action="store_true",
+        help="answer OK (permit) instead of DUNNO for accepted mail that a connector (client "
+        "IP or certificate) attributed to a tenant, so the ranges need not be in mynetworks",
+    )
+    parser.add_argument(
         "--log-level",
         choices=_LEVELS,
         default="info",
@@ -149,9 +180,11 @@ class _Service:
         config: PolicyConfig,
         policy: RelayPolicy,
         max_batch: int = DEFAULT_MAX_BATCH,
+        permit_connectors: bool = False,
     ) -> None:
         self.path = path
         self.max_batch = max_batch
+        self.permit_connectors = permit_connectors
         self.config = config
         self.policy = policy
         self.server: PolicyServer | None = None
@@ -165,6 +198,7 @@ class _Service:
             cache=self.cache,
             pinned_certificates=self.config.pinned_certificates,
             max_batch=self.max_batch,
+            permit_connectors=self.permit_connectors,
         )
 
     async def reload(self) -> None:
@@ -207,7 +241,11 @@ async def _serve(
     listen: ListenAddress,
     metrics: ListenAddress | None,
 ) -> int:
-    settings = ServerSettings(request_timeout=args.request_timeout)
+    settings = ServerSettings(
+        request_timeout=args.request_timeout,
+        unix_socket_mode=0o660 if args.socket_mode is None else args.socket_mode,
+        unix_socket_group=args.socket_group,
+    )
     service.cache = InstanceCache(maxsize=args.cache_size)
     server = PolicyServer(service.handler(), settings=settings, reload_hook=service.reload)
     service.server = server
@@ -263,6 +301,12 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         metrics = _metrics_address(args.metrics) if args.metrics is not None else None
     except DomainPolicyError as exc:
         return _error(one_line(exc))
+    if listen.path is None and (args.socket_group is not None or args.socket_mode is not None):
+        return _error("--socket-mode and --socket-group apply only to --listen unix:/path")
+    try:
+        ServerSettings(unix_socket_group=args.socket_group)  # an unknown group: exit 2 now
+    except DomainPolicyError as exc:
+        return _error(one_line(exc))
     try:
         config = read_config(args.config)
     except (CommandError, DomainPolicyError) as exc:
@@ -282,7 +326,7 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        service = _Service(args.config, config, policy, args.max_batch)
+        service = _Service(args.config, config, policy, args.max_batch, args.permit_connectors)
         _log.info("serving %s with a %s", args.config, type(store).__name__)
         return asyncio.run(_serve(args, out, service, listen, metrics))
     finally:
