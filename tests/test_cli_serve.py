@@ -344,3 +344,20 @@ def test_serve_socket_mode_group_and_permit_connectors(tmp_path: Path) -> None:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_serve_metrics_without_the_extra_is_one_line(
+    capsys: pytest.CaptureFixture[str], config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--metrics without prometheus_client: exit 2, one line naming the extra to install."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    code, out, err = run_main(
+        capsys, "serve", "--config", str(config), "--listen", "127.0.0.1:0",
+        "--metrics", "127.0.0.1:0",
+    )  # fmt: skip
+    assert code == EXIT_USAGE
+    assert out == ""
+    assert err == (
+        "domainpolicy: error: --metrics needs the prometheus_client package: "
+        "pip install 'domainpolicy[metrics]'\n"
+    )

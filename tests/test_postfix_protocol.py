@@ -8,6 +8,7 @@ import os
 import pickle
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -1033,26 +1034,55 @@ def test_metrics_rendering() -> None:
     metrics.timeouts += 1
     text = metrics.render_prometheus()
     lines = text.splitlines()
-    assert "domainpolicy_policy_requests_total 3" in lines
-    assert 'domainpolicy_policy_actions_total{class="dunno"} 1' in lines
-    assert 'domainpolicy_policy_actions_total{class="5xx"} 1' in lines
-    assert 'domainpolicy_policy_actions_total{class="4xx"} 1' in lines
-    assert 'domainpolicy_policy_malformed_total{reason="bad_name"} 1' in lines
-    assert "domainpolicy_policy_timeouts_total 1" in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.0005"} 1' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.005"} 2' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="5.0"} 2' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="+Inf"} 3' in lines
-    assert "domainpolicy_policy_request_duration_seconds_count 3" in lines
+    assert "domainpolicy_policy_requests_total 3.0" in lines
+    assert "# TYPE domainpolicy_policy_requests_total counter" in lines
+    assert 'domainpolicy_policy_actions_total{class="dunno"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="5xx"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="4xx"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="other"} 0.0' in lines
+    assert 'domainpolicy_policy_malformed_total{reason="bad_name"} 1.0' in lines
+    assert "domainpolicy_policy_timeouts_total 1.0" in lines
+    assert "# TYPE domainpolicy_policy_connections_active gauge" in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.0005"} 1.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.005"} 2.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="5.0"} 2.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="+Inf"} 3.0' in lines
+    assert "domainpolicy_policy_request_duration_seconds_count 3.0" in lines
     assert text.endswith("\n")
     for line in lines:
         if not line.startswith("#"):
             name_and_labels, value = line.rsplit(" ", 1)
             float(value)
             assert name_and_labels.startswith("domainpolicy_policy_")
+    openmetrics = metrics.render_openmetrics()
+    assert "domainpolicy_policy_requests_total 3.0" in openmetrics.splitlines()
+    assert openmetrics.endswith("# EOF\n")
     snapshot = metrics.snapshot()
     assert snapshot["requests"] == 3
     assert snapshot["actions"] == {"dunno": 1, "5xx": 1, "4xx": 1}
+
+
+def test_metrics_registries_are_separate() -> None:
+    """Each PolicyMetrics has its own registry, not prometheus_client's global one."""
+    import prometheus_client
+
+    first, second = PolicyMetrics(), PolicyMetrics()
+    first.observe("DUNNO", 0.001)
+    assert first.registry is not second.registry
+    assert first.registry is not prometheus_client.REGISTRY
+    assert "domainpolicy_policy_requests_total 1.0" in first.render_prometheus()
+    assert "domainpolicy_policy_requests_total 0.0" in second.render_prometheus()
+    assert b"domainpolicy_policy" not in prometheus_client.generate_latest()
+
+
+def test_metrics_exposition_without_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the extra the counters count; the exposition names the extra to install."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    metrics = PolicyMetrics()
+    metrics.observe("DUNNO", 0.001)
+    assert metrics.snapshot()["requests"] == 1
+    with pytest.raises(InvalidConfiguration, match=r"pip install 'domainpolicy\[metrics\]'"):
+        metrics.render_prometheus()
 
 
 def test_metrics_buckets_validate() -> None:
@@ -1062,41 +1092,50 @@ def test_metrics_buckets_validate() -> None:
 
 
 def test_metrics_endpoint_over_http() -> None:
-    """GET /metrics on loopback serves the exposition; other paths and methods are refused."""
+    """GET /metrics on loopback serves the Prometheus text format, or OpenMetrics when the
+    Accept header asks for it; other paths and methods are refused."""
+    import urllib.error
+    import urllib.request
 
-    async def http(port: int, request: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        out = await read_to_eof(reader)
-        writer.close()
-        return out
+    def http(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, str, str]:
+        request = urllib.request.Request(url, method=method)
+        if accept is not None:
+            request.add_header("Accept", accept)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.headers["Content-Type"], response.read().decode()
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code, "", ""
 
-    async def scenario() -> list[bytes]:
+    async def scenario() -> list[tuple[int, str, str]]:
         server, port = await start(dunno)
         try:
             endpoint = await server.start_metrics("127.0.0.1", 0)
             await send_and_close(port, req())
+            base = f"http://127.0.0.1:{endpoint.port}"
             return [
-                await http(endpoint.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-                await http(endpoint.port, b"HEAD /metrics HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"GET / HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"POST /metrics HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"nonsense\r\n\r\n"),
+                await asyncio.to_thread(http, f"{base}/metrics"),
+                await asyncio.to_thread(
+                    http, f"{base}/metrics", "application/openmetrics-text; version=1.0.0"
+                ),
+                await asyncio.to_thread(http, f"{base}/"),
+                await asyncio.to_thread(http, f"{base}/metrics", None, "POST"),
             ]
         finally:
             await server.close()
 
-    ok, head, missing, post, bad = run(scenario())
-    assert ok.startswith(b"HTTP/1.0 200 OK\r\n")
-    assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in ok
-    assert b"\r\ndomainpolicy_policy_requests_total 1\n" in ok.split(b"\r\n\r\n", 1)[1] or (
-        b"domainpolicy_policy_requests_total 1\n" in ok
-    )
-    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
-    assert head.endswith(b"\r\n\r\n")
-    assert missing.startswith(b"HTTP/1.0 404 ")
-    assert post.startswith(b"HTTP/1.0 405 ")
-    assert bad.startswith(b"HTTP/1.0 400 ")
+    text, openmetrics, missing, post = run(scenario())
+    assert text[0] == 200
+    assert text[1].startswith("text/plain; version=0.0.4")
+    assert "domainpolicy_policy_requests_total 1.0" in text[2].splitlines()
+    assert "# EOF" not in text[2]
+    assert openmetrics[0] == 200
+    assert openmetrics[1].startswith("application/openmetrics-text")
+    assert "domainpolicy_policy_requests_total 1.0" in openmetrics[2].splitlines()
+    assert openmetrics[2].endswith("# EOF\n")
+    assert missing[0] == 404
+    assert post[0] == 405
 
 
 def test_metrics_endpoint_refuses_non_loopback() -> None:

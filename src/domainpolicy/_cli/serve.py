@@ -38,7 +38,11 @@ from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
 from domainpolicy._stores import StateStore, open_store
-from domainpolicy.integrations._metrics import MetricsEndpoint
+from domainpolicy.integrations._metrics import (
+    METRICS_EXTRA,
+    MetricsEndpoint,
+    prometheus_available,
+)
 from domainpolicy.integrations.postfix import (
     DEFAULT_MAX_BATCH,
     InstanceCache,
@@ -120,7 +124,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; needs "
+        f"{METRICS_EXTRA})",
     )
     parser.add_argument(
         "--request-timeout",
@@ -301,6 +306,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         metrics = _metrics_address(args.metrics) if args.metrics is not None else None
     except DomainPolicyError as exc:
         return _error(one_line(exc))
+    if metrics is not None and not prometheus_available():
+        return _error(f"--metrics needs the prometheus_client package: {METRICS_EXTRA}")
     if listen.path is None and (args.socket_group is not None or args.socket_mode is not None):
         return _error("--socket-mode and --socket-group apply only to --listen unix:/path")
     try:

@@ -686,13 +686,15 @@ class PolicyServer:
         self.log.info("policy server listening on %s", self.address)
 
     async def start_metrics(self, host: str = "127.0.0.1", port: int = 0) -> MetricsEndpoint:
-        """Serve `PolicyMetrics.render_prometheus` at ``http://HOST:PORT/metrics`` (loopback).
+        """Serve `metrics` (its `PolicyMetrics.registry`) at ``http://HOST:PORT/metrics``
+        (loopback only; Prometheus text or OpenMetrics, as the scraper's ``Accept`` asks).
 
         Raises:
-            InvalidConfiguration: *host* is not a loopback IP address.
+            InvalidConfiguration: *host* is not a loopback IP address, or ``prometheus_client``
+                (the ``metrics`` extra) is not installed.
             OSError: the address could not be bound.
         """
-        endpoint = MetricsEndpoint(self.metrics.render_prometheus)
+        endpoint = MetricsEndpoint(self.metrics.registry)
         await endpoint.start(host, port)
         self._metrics_endpoint = endpoint
         return endpoint
