@@ -18,7 +18,10 @@ with `RelayPolicy.evaluate_many`, up to `MAX_BATCH` at a time: one store transac
 for all of them, and exactly the decisions of deciding them one by one.  A skipped (malformed)
 line changes nothing, not even the clock.  The state lives in a
 fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
-exact SMTP reply; the run ends with every tenant's state and audit trail.
+exact SMTP reply (a refusal repeating the reply of one printed before for its tenant is counted
+in one ``... and N more refusals like ...`` line unless ``--verbose``); the run ends with every
+tenant's state and audit trail.  A relay log that cannot be read, or a configuration that
+cannot, is one error line (exit 2), with a hint when the two look swapped.
 """
 
 from __future__ import annotations
