@@ -107,3 +107,89 @@ def test_help_for_every_command(command: str, capsys: pytest.CaptureFixture[str]
         main([command, "--help"])
     assert info.value.code == 0
     assert "--json" in capsys.readouterr().out
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line the command wrote on stderr (asserting it is one line, no traceback)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("domainpolicy: error: ")
+    return err.removeprefix("domainpolicy: error: ").rstrip("\n")
+
+
+def test_bare_command_prints_usage_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """domainpolicy alone prints the usage with every command on stderr, exit code 2."""
+    assert main([]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("usage: domainpolicy")
+    assert "replay" in err
+    assert "serve" in err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the version and exits 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith("domainpolicy ")
+
+
+@pytest.mark.parametrize(
+    ("command", "what"), [("normalize", "DOMAIN"), ("check", "ADDRESS-OR-DOMAIN")]
+)
+def test_nothing_to_do_is_a_usage_error(
+    command: str, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """normalize and check with neither values nor -f FILE are a usage error, not silence."""
+    code, text = run(command)
+    assert code == EXIT_USAGE
+    assert text == ""
+    assert _error_line(capsys) == f"{command} needs at least one {what} or -f FILE ('-': stdin)"
+
+
+def test_unreadable_input_file_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """-f FILE that cannot be opened: the file and the reason, exit 2."""
+    code, _ = run("normalize", "-f", "/nonexistent/file")
+    assert code == EXIT_USAGE
+    assert _error_line(capsys) == "cannot read '/nonexistent/file': No such file or directory"
+
+
+def test_check_missing_config_is_not_an_invalid_configuration(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """check --config of a missing file says it cannot be read, exit 2."""
+    code, _ = run("check", "--config", "/nonexistent.toml", "a@b.example")
+    assert code == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line == "cannot read configuration '/nonexistent.toml': No such file or directory"
+
+
+def test_check_toml_syntax_error_keeps_the_detail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TOML syntax error names the file, the error and its line, on one line."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tenants\n", encoding="utf-8")
+    code, _ = run("check", "--config", str(bad), "a@b.example")
+    assert code == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line.startswith(f"invalid configuration in {bad}: not valid TOML: ")
+    assert "line 1" in line
+
+
+def test_one_line_joins_and_truncates_problems() -> None:
+    """Problems are joined with '; '; a long list is cut, counting what did not fit."""
+    from domainpolicy import InvalidConfiguration
+    from domainpolicy._cli.common import MESSAGE_MAX, one_line
+
+    assert one_line(InvalidConfiguration(["a is wrong"], source="t.toml")) == (
+        "invalid configuration in t.toml: a is wrong"
+    )
+    assert one_line(InvalidConfiguration(["a", "b"])) == "invalid configuration: 2 problems: a; b"
+    many = one_line(InvalidConfiguration([f"problem number {n} " + "x" * 40 for n in range(50)]))
+    assert len(many) <= MESSAGE_MAX + 30
+    assert many.startswith("invalid configuration: 50 problems: problem number 0 ")
+    assert many.endswith(" more")
+    assert "\n" not in many
+    assert one_line(InvalidConfiguration(["y" * 1000])).endswith("...")
+    assert one_line(ValueError("head\n  - one\n  - two")) == "head: one; two"

@@ -537,3 +537,27 @@ def test_console_script_runs_tenant_commands(config: str) -> None:
     assert missing.returncode == EXIT_USAGE
     assert len(missing.stderr.strip().splitlines()) == 1
     assert "Traceback" not in missing.stderr
+
+
+def test_status_history_zero_shows_no_history(config: str) -> None:
+    """--history 0 is accepted: the status without any audit record."""
+    run("tenant", "block", "contoso", "--reason", "r", "--by", "noc", "--config", config)
+    code, text = run("tenant", "status", "contoso", "--config", config, "--history", "0")
+    assert code == EXIT_OK
+    assert text.startswith("tenant contoso: blocked")
+    assert "recent history" not in text
+    code, records = run_json("tenant", "status", "contoso", "--config", config, "--history", "0")
+    assert records[0]["history"] == []
+
+
+def test_declare_not_ours_after_an_operator_block_says_why(config: str) -> None:
+    """An operator block has no offending domains: the refusal says so, not '()'."""
+    run("tenant", "block", "contoso", "--reason", "r", "--by", "noc", "--config", config)
+    code, text = run(
+        "tenant", "declare-not-ours", "contoso", "--domain", "evil.example",
+        "--by", "noc", "--config", config,
+    )  # fmt: skip
+    assert code == EXIT_INVALID
+    assert "()" not in text
+    assert "the block has no offending domains" in text
+    assert "evil.example" in text

@@ -99,6 +99,8 @@ def test_serve_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> Non
         (["--listen", "unix:relative.sock"], "must be absolute"),
         (["--listen", "127.0.0.1:0", "--metrics", "unix:/tmp/m.sock"], "must be HOST:PORT"),
         (["--listen", "127.0.0.1:0", "--store", "nosuch:"], "store url 'nosuch:'"),
+        (["--listen", "127.0.0.1:0", "--socket-mode", "0666"], "apply only to --listen unix:"),
+        (["--listen", "unix:/tmp/x.sock", "--socket-group", "no-such-group-here"], "not exist"),
     ],
 )
 def test_serve_refuses_bad_arguments_in_one_line(
@@ -279,3 +281,83 @@ def test_serve_attributes_pinned_certificate_fingerprints(tmp_path: Path) -> Non
         assert ask(process.socket, again).startswith("550 5.7.64 ")
     finally:
         process.close()
+
+
+@pytest.mark.parametrize("mode", ["888", "01777", "rw"])
+def test_serve_refuses_a_bad_socket_mode(
+    capsys: pytest.CaptureFixture[str], config: Path, mode: str
+) -> None:
+    """--socket-mode must be octal permission bits: a usage error in one line, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(
+            [
+                "serve",
+                "--config",
+                str(config),
+                "--listen",
+                "unix:/tmp/x.sock",
+                "--socket-mode",
+                mode,
+            ]
+        )
+    assert exited.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--socket-mode" in err
+
+
+CONNECTOR = """
+[[connectors]]
+name = "contoso-onprem"
+tenant = "contoso"
+sender_ip_ranges = ["198.51.100.0/24"]
+"""
+
+
+def test_serve_socket_mode_group_and_permit_connectors(tmp_path: Path) -> None:
+    """serve --socket-mode 0666 --socket-group GID: the socket's mode and group are set."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(CONFIG + CONNECTOR)
+    sock = str(tmp_path / "policy.sock")
+    argv = [sys.executable, "-m", "domainpolicy", "serve", "--json", "--config", str(path)]
+    argv += ["--listen", f"unix:{sock}", "--socket-mode", "0666"]
+    argv += ["--socket-group", str(os.getgid()), "--permit-connectors"]
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else b""
+        info = os.stat(sock)
+        assert oct(info.st_mode & 0o777) == oct(0o666)
+        assert info.st_gid == os.getgid()
+        # No connector knows this client: the sender's domain finds the tenant, not OK.
+        assert ask(sock, request("a@contoso.example", "m1")) == "DUNNO"
+        assert ask(sock, request("a@fabrikam.example", "m2")).startswith("550 5.7.64 ")
+        # contoso's connector: accepted mail (even from an unregistered domain) is permitted.
+        from_connector = request("x@spam.example", "m3").replace(b"192.0.2.1", b"198.51.100.7")
+        assert ask(sock, from_connector) == "OK"
+    finally:
+        process.terminate()
+        process.wait(SAFETY)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_serve_metrics_without_the_extra_is_one_line(
+    capsys: pytest.CaptureFixture[str], config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--metrics without prometheus_client: exit 2, one line naming the extra to install."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    code, out, err = run_main(
+        capsys, "serve", "--config", str(config), "--listen", "127.0.0.1:0",
+        "--metrics", "127.0.0.1:0",
+    )  # fmt: skip
+    assert code == EXIT_USAGE
+    assert out == ""
+    assert err == (
+        "domainpolicy: error: --metrics needs the prometheus_client package: "
+        "pip install 'domainpolicy[metrics]'\n"
+    )

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
+import pwd
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -839,6 +844,98 @@ def test_unix_socket_server(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def _socket_groups() -> list[int | str]:
+    """Groups this process may give a socket to: its own gid; as root also ``nogroup``."""
+    import grp
+
+    groups: list[int | str] = [os.getgid()]
+    if os.geteuid() == 0:
+        try:
+            grp.getgrnam("nogroup")
+        except KeyError:
+            pass
+        else:
+            groups.append("nogroup")
+    return groups
+
+
+@pytest.mark.parametrize("group", _socket_groups())
+def test_unix_socket_mode_and_group(tmp_path: Path, group: int | str) -> None:
+    """unix_socket_mode and unix_socket_group set the bound socket's mode and group."""
+    import grp
+
+    path = tmp_path / "policy.sock"
+    gid = group if isinstance(group, int) else grp.getgrnam(group).gr_gid
+    settings = ServerSettings(unix_socket_mode=0o666, unix_socket_group=group)
+
+    async def scenario() -> os.stat_result:
+        server = PolicyServer(dunno, settings=settings)
+        await server.start(f"unix:{path}")
+        try:
+            return path.stat()
+        finally:
+            await server.close()
+
+    info = run(scenario())
+    assert oct(info.st_mode & 0o777) == oct(0o666)
+    assert info.st_gid == gid
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"unix_socket_mode": 0o1777}, "unix_socket_mode must be permission bits"),
+        ({"unix_socket_mode": -1}, "unix_socket_mode must be permission bits"),
+        ({"unix_socket_group": "no-such-group-here"}, "'no-such-group-here' does not exist"),
+        ({"unix_socket_group": -3}, "is not a gid"),
+        ({"unix_socket_group": 1.5}, "must be a name or a gid"),
+    ],
+)
+def test_unix_socket_settings_are_validated(options: dict[str, Any], message: str) -> None:
+    """A bad socket mode or an unknown group is one InvalidConfiguration."""
+    with pytest.raises(InvalidConfiguration, match=message):
+        ServerSettings(**options)
+
+
+@contextlib.contextmanager
+def _not_root() -> Iterator[Path]:
+    """A fresh directory, with the effective user and group ``nobody`` inside the block when we
+    are root (restored after), so that giving a socket to group 0 is refused as it is for any
+    other user."""
+    directory = Path(tempfile.mkdtemp(prefix="dp-not-root-"))
+    try:
+        if os.geteuid() != 0:
+            yield directory
+            return
+        nobody = pwd.getpwnam("nobody")
+        directory.chmod(0o777)
+        os.setegid(nobody.pw_gid)
+        os.seteuid(nobody.pw_uid)
+        try:
+            yield directory
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_unix_socket_group_not_allowed_is_refused() -> None:
+    """A group the server may not give the socket to: InvalidConfiguration, no socket left."""
+    settings = ServerSettings(unix_socket_group=0)  # root's group; we are not root
+
+    async def scenario(path: Path) -> None:
+        server = PolicyServer(dunno, settings=settings)
+        with pytest.raises(InvalidConfiguration, match="cannot set the group 0"):
+            await server.start(f"unix:{path}")
+        await server.close()
+        assert not path.exists()
+
+    with _not_root() as directory:
+        run(scenario(directory / "policy.sock"))
+
+
 def test_unix_socket_in_use_is_refused(tmp_path: Path) -> None:
     """Starting on a UNIX socket a live server owns is refused; a non-socket file too."""
     path = tmp_path / "policy.sock"
@@ -964,26 +1061,55 @@ def test_metrics_rendering() -> None:
     metrics.timeouts += 1
     text = metrics.render_prometheus()
     lines = text.splitlines()
-    assert "domainpolicy_policy_requests_total 3" in lines
-    assert 'domainpolicy_policy_actions_total{class="dunno"} 1' in lines
-    assert 'domainpolicy_policy_actions_total{class="5xx"} 1' in lines
-    assert 'domainpolicy_policy_actions_total{class="4xx"} 1' in lines
-    assert 'domainpolicy_policy_malformed_total{reason="bad_name"} 1' in lines
-    assert "domainpolicy_policy_timeouts_total 1" in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.0005"} 1' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.005"} 2' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="5.0"} 2' in lines
-    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="+Inf"} 3' in lines
-    assert "domainpolicy_policy_request_duration_seconds_count 3" in lines
+    assert "domainpolicy_policy_requests_total 3.0" in lines
+    assert "# TYPE domainpolicy_policy_requests_total counter" in lines
+    assert 'domainpolicy_policy_actions_total{class="dunno"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="5xx"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="4xx"} 1.0' in lines
+    assert 'domainpolicy_policy_actions_total{class="other"} 0.0' in lines
+    assert 'domainpolicy_policy_malformed_total{reason="bad_name"} 1.0' in lines
+    assert "domainpolicy_policy_timeouts_total 1.0" in lines
+    assert "# TYPE domainpolicy_policy_connections_active gauge" in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.0005"} 1.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="0.005"} 2.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="5.0"} 2.0' in lines
+    assert 'domainpolicy_policy_request_duration_seconds_bucket{le="+Inf"} 3.0' in lines
+    assert "domainpolicy_policy_request_duration_seconds_count 3.0" in lines
     assert text.endswith("\n")
     for line in lines:
         if not line.startswith("#"):
             name_and_labels, value = line.rsplit(" ", 1)
             float(value)
             assert name_and_labels.startswith("domainpolicy_policy_")
+    openmetrics = metrics.render_openmetrics()
+    assert "domainpolicy_policy_requests_total 3.0" in openmetrics.splitlines()
+    assert openmetrics.endswith("# EOF\n")
     snapshot = metrics.snapshot()
     assert snapshot["requests"] == 3
     assert snapshot["actions"] == {"dunno": 1, "5xx": 1, "4xx": 1}
+
+
+def test_metrics_registries_are_separate() -> None:
+    """Each PolicyMetrics has its own registry, not prometheus_client's global one."""
+    import prometheus_client
+
+    first, second = PolicyMetrics(), PolicyMetrics()
+    first.observe("DUNNO", 0.001)
+    assert first.registry is not second.registry
+    assert first.registry is not prometheus_client.REGISTRY
+    assert "domainpolicy_policy_requests_total 1.0" in first.render_prometheus()
+    assert "domainpolicy_policy_requests_total 0.0" in second.render_prometheus()
+    assert b"domainpolicy_policy" not in prometheus_client.generate_latest()
+
+
+def test_metrics_exposition_without_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the extra the counters count; the exposition names the extra to install."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    metrics = PolicyMetrics()
+    metrics.observe("DUNNO", 0.001)
+    assert metrics.snapshot()["requests"] == 1
+    with pytest.raises(InvalidConfiguration, match=r"pip install 'domainpolicy\[metrics\]'"):
+        metrics.render_prometheus()
 
 
 def test_metrics_buckets_validate() -> None:
@@ -993,41 +1119,50 @@ def test_metrics_buckets_validate() -> None:
 
 
 def test_metrics_endpoint_over_http() -> None:
-    """GET /metrics on loopback serves the exposition; other paths and methods are refused."""
+    """GET /metrics on loopback serves the Prometheus text format, or OpenMetrics when the
+    Accept header asks for it; other paths and methods are refused."""
+    import urllib.error
+    import urllib.request
 
-    async def http(port: int, request: bytes) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        out = await read_to_eof(reader)
-        writer.close()
-        return out
+    def http(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, str, str]:
+        request = urllib.request.Request(url, method=method)
+        if accept is not None:
+            request.add_header("Accept", accept)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.headers["Content-Type"], response.read().decode()
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            return exc.code, "", ""
 
-    async def scenario() -> list[bytes]:
+    async def scenario() -> list[tuple[int, str, str]]:
         server, port = await start(dunno)
         try:
             endpoint = await server.start_metrics("127.0.0.1", 0)
             await send_and_close(port, req())
+            base = f"http://127.0.0.1:{endpoint.port}"
             return [
-                await http(endpoint.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-                await http(endpoint.port, b"HEAD /metrics HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"GET / HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"POST /metrics HTTP/1.0\r\n\r\n"),
-                await http(endpoint.port, b"nonsense\r\n\r\n"),
+                await asyncio.to_thread(http, f"{base}/metrics"),
+                await asyncio.to_thread(
+                    http, f"{base}/metrics", "application/openmetrics-text; version=1.0.0"
+                ),
+                await asyncio.to_thread(http, f"{base}/"),
+                await asyncio.to_thread(http, f"{base}/metrics", None, "POST"),
             ]
         finally:
             await server.close()
 
-    ok, head, missing, post, bad = run(scenario())
-    assert ok.startswith(b"HTTP/1.0 200 OK\r\n")
-    assert b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n" in ok
-    assert b"\r\ndomainpolicy_policy_requests_total 1\n" in ok.split(b"\r\n\r\n", 1)[1] or (
-        b"domainpolicy_policy_requests_total 1\n" in ok
-    )
-    assert head.startswith(b"HTTP/1.0 200 OK\r\n")
-    assert head.endswith(b"\r\n\r\n")
-    assert missing.startswith(b"HTTP/1.0 404 ")
-    assert post.startswith(b"HTTP/1.0 405 ")
-    assert bad.startswith(b"HTTP/1.0 400 ")
+    text, openmetrics, missing, post = run(scenario())
+    assert text[0] == 200
+    assert text[1].startswith("text/plain; version=0.0.4")
+    assert "domainpolicy_policy_requests_total 1.0" in text[2].splitlines()
+    assert "# EOF" not in text[2]
+    assert openmetrics[0] == 200
+    assert openmetrics[1].startswith("application/openmetrics-text")
+    assert "domainpolicy_policy_requests_total 1.0" in openmetrics[2].splitlines()
+    assert openmetrics[2].endswith("# EOF\n")
+    assert missing[0] == 404
+    assert post[0] == 405
 
 
 def test_metrics_endpoint_refuses_non_loopback() -> None:
@@ -1339,6 +1474,30 @@ def test_make_handler_null_sender_and_no_tenant() -> None:
     )
     assert answers[0] == "DUNNO"
     assert answers[1].startswith("550 5.7.64 ")
+
+
+def test_make_handler_permit_connectors_answers_ok() -> None:
+    """With permit_connectors, accepted mail a connector attributed gets OK (permit); refusals
+    and mail of no tenant are unchanged, and without the option it stays DUNNO."""
+    policy = relay_policy()
+    asked = [
+        rcpt("alice@contoso.example", instance="a"),
+        rcpt("x@spam.example", instance="b"),
+        rcpt("", instance="bounce"),
+        rcpt("x@stranger.example", client_address="192.0.2.1", instance="s"),
+        rcpt("alice@contoso.example", client_address="192.0.2.1", instance="d"),
+    ]
+    answers = ask(make_handler(policy, permit_connectors=True), *asked)
+    assert answers[:3] == ["OK", "OK", "OK"]
+    assert answers[3].startswith("550 5.7.64 ")
+    assert answers[4] == "DUNNO"  # the tenant comes from the sender's domain, not a connector
+    policy.block("contoso", by="ops", reason="test")
+    blocked = ask(
+        make_handler(policy, permit_connectors=True), rcpt("x@spam.example", instance="c")
+    )
+    assert blocked == [REJECT_TEXT]
+    plain = ask(make_handler(relay_policy()), rcpt("alice@contoso.example", instance="a"))
+    assert plain == ["DUNNO"]
 
 
 def test_make_handler_annotates_the_log_line(caplog: pytest.LogCaptureFixture) -> None:

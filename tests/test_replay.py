@@ -252,3 +252,86 @@ def test_replay_decides_a_burst_in_one_call(
     )
     # second 0: 20 + 5; second 1: 11 | bad line | 7 | status | 7; second 2: 20 + 5
     assert sizes == [20, 5, 11, 7, 7, 20, 5]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("domainpolicy: error: ")
+    return err.removeprefix("domainpolicy: error: ").rstrip("\n")
+
+
+def test_missing_log_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing relay log is its own error (not an invalid configuration), exit 2."""
+    code = main(
+        ["replay", "nope.jsonl", "--config", str(EXAMPLES / "tenants.toml")], out=io.StringIO()
+    )
+    assert code == EXIT_USAGE
+    assert _error_line(capsys) == "cannot read relay log 'nope.jsonl': No such file or directory"
+
+
+def test_missing_config_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing configuration is 'cannot read configuration', exit 2."""
+    log = str(EXAMPLES / "compromise.jsonl")
+    code = main(["replay", log, "--config", "nope.toml"], out=io.StringIO())
+    assert code == EXIT_USAGE
+    assert _error_line(capsys) == "cannot read configuration 'nope.toml': No such file or directory"
+
+
+def test_invalid_config_keeps_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A TOML syntax error keeps its detail; so does a configuration with problems."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("a = \n", encoding="utf-8")
+    log = str(EXAMPLES / "compromise.jsonl")
+    assert main(["replay", log, "--config", str(bad)], out=io.StringIO()) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line.startswith(f"invalid configuration in {bad}: not valid TOML: ")
+    assert "(at line 1, column 5)" in line
+
+
+def test_swapped_arguments_get_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    """The configuration given as the log (or the log as --config): exit 2 and a hint."""
+    toml, jsonl = str(EXAMPLES / "tenants.toml"), str(EXAMPLES / "compromise.jsonl")
+    assert main(["replay", toml, "--config", jsonl], out=io.StringIO()) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line.startswith(f"relay log {toml!r} is a TOML file, not JSON lines")
+    assert "the arguments look swapped" in line
+    assert "domainpolicy replay LOG.jsonl --config TENANTS.toml" in line
+    assert main(["replay", jsonl, "--config", jsonl], out=io.StringIO()) == EXIT_USAGE
+    line = _error_line(capsys)
+    assert line.startswith(f"invalid configuration in {jsonl}: not valid TOML")
+    assert "--config takes the TOML configuration" in line
+
+
+def test_repeated_refusals_are_summarised() -> None:
+    """A refusal repeating the reply of one printed before is counted, not printed; --verbose
+    prints every one in full."""
+    _, text = run()
+    assert text.count("550 5.7.750 See https://") == 1
+    assert "... and 12 more refusals like m-0019: m-0020 to m-0031" in text
+    assert "... and 9 more refusals like m-0019: m-0033 to m-0041" in text
+    _, verbose = run("--verbose")
+    assert verbose.count("550 5.7.750 See https://") == 22
+    assert "more refusals like" not in verbose
+    # The summary counts every decision either way.
+    assert text.splitlines()[-1] == verbose.splitlines()[-1]
+
+
+def test_replay_text_details() -> None:
+    """Admin lines say their domain or connector; one sentence is not said twice; plurals."""
+    _, text = run()
+    assert "connector_created contoso (relay-9) by operator -> ok" in text
+    assert "register_domain contoso (contoso-news.com) by admin@contoso.com -> ok" in text
+    assert "review_connector contoso (relay-9, removed) by admin@contoso.com" in text
+    assert "declare_not_ours contoso (secure-bank.example, pay-pal-login.example, " in text
+    assert "request_unblock contoso (5.7.750) by admin@contoso.com -> REFUSED" in text
+    lines = text.splitlines()
+    crossing = next(i for i, line in enumerate(lines) if " m-0019 " in line)
+    assert lines[crossing + 3].strip() == "ALERT blocked"
+    assert "ALERT approaching_limit: 7 unregistered messages" in text
+    assert "1 distinct unregistered domain)" in text
+    assert "0 distinct unregistered domains)" in text
+    assert "tenant fabrikam: active" in text
+    assert "  audit trail: (none)" in text

@@ -776,11 +776,12 @@ class BlockMachine:
         block = state.block
         unknown = [d for d in names if d not in block.offending]
         if unknown:
-            raise _bad(
-                unknown,
-                "domains",
-                f"not among the offending domains of the block {block.offending!r}",
+            offending = (
+                f"the offending domains of the block are {', '.join(block.offending)}"
+                if block.offending
+                else "the block has no offending domains (it was not set by relayed mail)"
             )
+            raise _bad(unknown, "domains", f"not among the offending domains; {offending}")
         declared = tuple(sorted(set(block.declared) | set(names)))
         if declared == block.declared:
             return state, _NOTHING

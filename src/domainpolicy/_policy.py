@@ -331,6 +331,16 @@ class RelayPolicy:
         """The connector table in force."""
         return self._connectors
 
+    def connector_tenant(self, request: RelayRequest) -> str | None:
+        """The tenant an inbound connector attributes *request* to, by client IP or TLS
+        certificate, exactly as `evaluate` does; None when there are no connectors, no client
+        IP, or no connector matches (a decision's tenant may also come from the sender's
+        domain).  Cached like `evaluate`'s attribution."""
+        if self._connectors is None or request.client_ip is None:
+            return None
+        names = _certificate_names(request) if request.tls_cert_names else request.tls_cert_name
+        return self._attribute(request.client_ip, names)
+
     def reload(
         self,
         *,
@@ -632,7 +642,8 @@ class RelayPolicy:
         return state
 
     def status(self, tenant: str, *, history: int | None = 50) -> TenantStatus:
-        """The tenant's state, counts in the window, checklist and recent history.
+        """The tenant's state, counts in the window, checklist and recent history (the newest
+        *history* audit records; None: all of them; 0: none, without reading them).
 
         Raises:
             StoreUnavailable: the store failed.
@@ -649,7 +660,7 @@ class RelayPolicy:
             probation_until=state.probation_until,
             checklist=checklist,
             accepted_domains=self._matcher.domains_of(tenant),
-            history=tuple(self.store.history(tenant, limit=history)),
+            history=() if history == 0 else tuple(self.store.history(tenant, limit=history)),
             raw=state,
         )
 

@@ -12,7 +12,9 @@ this package.  The command modules are imported when the parser is built, not wh
 is imported, so ``import domainpolicy._cli`` stays cheap.
 
 Exit codes: 0 success; 1 some input was refused (invalid domain or address, policy refusal);
-2 usage or configuration error.  Errors are one line on stderr, never a traceback.
+2 usage or configuration error.  Errors are one line on stderr with their detail
+(`common.one_line`), never a traceback.  ``domainpolicy`` alone prints the usage and exits 2;
+``--version`` prints the version.
 Every command takes ``--json`` for machine-readable output on stdout.
 """
 
@@ -25,7 +27,7 @@ from typing import TextIO
 
 from domainpolicy._errors import DomainPolicyError
 
-from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Command, Parser
+from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Command, CommandError, Parser, one_line
 
 __all__ = [
     "EXIT_INVALID",
@@ -45,9 +47,20 @@ def commands() -> dict[str, Command]:
     return {**names.COMMANDS, **replay.COMMANDS, **admin.COMMANDS, **serve.COMMANDS}
 
 
+def _version() -> str:
+    """The installed distribution's version (the package is never imported back from here)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("domainpolicy")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare source tree
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered command."""
     parser = Parser(prog="domainpolicy", description="Accepted-domain relay policy tools.")
+    parser.add_argument("--version", action="version", version=f"domainpolicy {_version()}")
     subparsers = parser.add_subparsers(
         dest="command", metavar="COMMAND", required=True, parser_class=Parser
     )
@@ -62,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Iterable[str] | None = None, *, out: TextIO | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    if not arguments:  # a first try: show what there is to run
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    args = parser.parse_args(arguments)
     stream = out if out is not None else sys.stdout
     try:
         code: int = args.handler(args, stream)
@@ -72,11 +89,14 @@ def main(argv: Iterable[str] | None = None, *, out: TextIO | None = None) -> int
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except CommandError as exc:
+        sys.stderr.write(f"domainpolicy: error: {one_line(exc)}\n")
+        return exc.code
     except DomainPolicyError as exc:
-        sys.stderr.write(f"domainpolicy: error: {str(exc).splitlines()[0]}\n")
+        sys.stderr.write(f"domainpolicy: error: {one_line(exc)}\n")
         return EXIT_USAGE
     except OSError as exc:
-        sys.stderr.write(f"domainpolicy: error: {exc}\n")
+        sys.stderr.write(f"domainpolicy: error: {one_line(exc)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

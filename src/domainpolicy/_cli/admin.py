@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, TextIO
 
 from domainpolicy._blockstate import Block, ChecklistIncomplete, TenantState
-from domainpolicy._config import PolicyConfig, load_config, parse_domains_file
+from domainpolicy._config import PolicyConfig, parse_domains_file
 from domainpolicy._connectors import InboundConnector
 from domainpolicy._dsn import build_dsn
 from domainpolicy._errors import (
@@ -47,7 +47,16 @@ from domainpolicy._psl import PublicSuffixes
 from domainpolicy._replies import Reply, ReplyCode
 from domainpolicy._stores import AuditRecord, StateStore, open_store
 
-from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Command, Progress, add_progress_option
+from .common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    EXIT_USAGE,
+    Command,
+    Progress,
+    add_progress_option,
+    one_line,
+    read_config,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -61,13 +70,6 @@ _EXIT_CODES: Final = (
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message of *exc* on one line: continuation lines (problem lists) joined by ``;``."""
-    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
-    lines = [line for line in lines if line] or [type(exc).__name__]
-    return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
 def _error(message: str, code: int = EXIT_USAGE) -> int:
@@ -94,6 +96,17 @@ def _aware_datetime(text: str) -> datetime.datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date-time") from exc
     if value.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z or +00:00)")
+    return value
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
     return value
 
 
@@ -174,7 +187,7 @@ def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
     except OSError as exc:
         return _error(f"cannot read domains file {source!r}: {exc.strerror or exc}")
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     progress = Progress(total, args)
     problems: list[tuple[int | None, str]] = []
     line_of = array("L")  # line number of each entry, by its position in the compiled sequence
@@ -197,7 +210,7 @@ def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
                 tenants.add(item.tenant)
                 yield item
         except InvalidConfiguration as exc:  # unreadable or not UTF-8: not a line problem
-            raise _ReadError(_one_line(exc)) from exc
+            raise _ReadError(one_line(exc)) from exc
 
     matcher: DomainMatcher | None = None
     try:
@@ -272,7 +285,7 @@ def _open_policy(
     """
     if args.config is None:  # tenant history: the store is enough
         return None, open_store(args.store), None
-    config = load_config(args.config)
+    config = read_config(args.config)
     store = open_store(args.store) if args.store is not None else config.open_store()
     try:
         return config, store, config.build_policy(store=store)
@@ -351,7 +364,8 @@ def _status_text(status: TenantStatus, now: float) -> str:
             lines.append(f"  unblock request pending since {_stamp(block.request.at)}")
     lines.append(
         f"  window: {status.total} relayed, {status.unregistered} from unregistered domains, "
-        f"{status.distinct_domains} distinct unregistered domains"
+        f"{status.distinct_domains} distinct unregistered "
+        f"domain{'' if status.distinct_domains == 1 else 's'}"
     )
     if status.probation_until is not None:
         word = "on probation until" if status.raw.on_probation(now) else "probation ended"
@@ -573,7 +587,7 @@ def _run_action(
         _write(
             out,
             args,
-            {"ok": False, **base, "error": _one_line(exc), "missing": missing},
+            {"ok": False, **base, "error": one_line(exc), "missing": missing},
             "\n".join(text),
         )
         return EXIT_INVALID
@@ -583,7 +597,7 @@ def _run_action(
         if isinstance(exc, InvalidConfiguration):
             message = "; ".join(_ENTRY_PREFIX_RE.sub("", p) for p in exc.problems)
         else:
-            message = _one_line(exc)
+            message = one_line(exc)
         _write(
             out,
             args,
@@ -647,10 +661,10 @@ def _configure_tenant(parser: argparse.ArgumentParser) -> None:
     _add_tenant_common(status, config_required=True)
     status.add_argument(
         "--history",
-        type=_positive_int,
+        type=_count,
         default=10,
         metavar="N",
-        help="audit records to show (default: 10)",
+        help="audit records to show (default: 10; 0: none)",
     )
     history = commands.add_parser(
         "history",
@@ -675,7 +689,7 @@ def _cmd_tenant(args: argparse.Namespace, out: TextIO) -> int:
     try:
         config, store, policy = _open_policy(args)
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         _check_tenant(args.tenant, config, store)
         if args.tenant_command == "history":
@@ -688,7 +702,7 @@ def _cmd_tenant(args: argparse.Namespace, out: TextIO) -> int:
     except _Refused as exc:
         return _error(str(exc), EXIT_INVALID)
     except DomainPolicyError as exc:  # StoreUnavailable and the like
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     finally:
         store.close()
 
@@ -789,9 +803,9 @@ def _cmd_ndr(args: argparse.Namespace, out: TextIO) -> int:
     if args.tenant is not None and args.config is None:
         return _error("ndr --tenant needs --config FILE (the tenant's reply texts)")
     try:
-        config = load_config(args.config) if args.config is not None else None
+        config = read_config(args.config) if args.config is not None else None
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         code = ReplyCode.lookup(args.code)
         reply: Reply
@@ -821,7 +835,7 @@ def _cmd_ndr(args: argparse.Namespace, out: TextIO) -> int:
     except OSError as exc:
         return _error(f"cannot read {args.original!r}: {exc.strerror or exc}")
     except DomainPolicyError as exc:  # unknown code, bad address, language, message id...
-        return _error(_one_line(exc), EXIT_INVALID)
+        return _error(one_line(exc), EXIT_INVALID)
     text_part = None
     rendered = None
     if message is not None:

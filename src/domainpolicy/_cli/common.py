@@ -1,8 +1,10 @@
 """What every command of the ``domainpolicy`` command line shares: exit codes, the argument
-parser that keeps its errors to one line, ``--json`` output, input lists and the progress bar.
+parser that keeps its errors to one line, one-line error messages (`one_line`, `CommandError`),
+reading the configuration (`read_config`), ``--json`` output, input lists and the progress bar.
 
-Imports only the standard library: every command module (`names`, `admin`, `replay`, `serve`)
-imports this one, and `domainpolicy._cli` (the package) imports the command modules.
+Imports the standard library and, inside `read_config` only, the configuration module: every
+command module (`names`, `admin`, `replay`, `serve`) imports this one, and `domainpolicy._cli`
+(the package) imports the command modules.
 """
 
 from __future__ import annotations
@@ -11,19 +13,25 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from domainpolicy._config import PolicyConfig
 
 __all__ = [
     "EXIT_INVALID",
     "EXIT_OK",
     "EXIT_USAGE",
     "Command",
+    "CommandError",
     "Handler",
     "Parser",
     "Progress",
     "add_progress_option",
     "emit",
     "inputs",
+    "one_line",
+    "read_config",
 ]
 
 EXIT_OK = 0
@@ -36,6 +44,76 @@ Handler = Callable[[argparse.Namespace, TextIO], int]
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Handler]
 """A command as its module declares it: ``(help, configure the sub-parser, handler)``; each
 command module has a ``COMMANDS: dict[str, Command]``."""
+
+
+MESSAGE_MAX = 400
+"""About the longest error line `one_line` writes (the problems that fit, then a count)."""
+
+_PROBLEM_MAX = 200
+
+
+class CommandError(Exception):
+    """A command cannot run: `main` writes ``domainpolicy: error: MESSAGE`` (one line) on stderr
+    and exits with *code* (`EXIT_USAGE` unless told otherwise)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def one_line(exc: BaseException, limit: int = MESSAGE_MAX) -> str:
+    """The message of *exc* on one line, detail kept.
+
+    An `InvalidConfiguration` says its source and its problems joined with ``; `` (``invalid
+    configuration in FILE: PROBLEM`` for one, ``... 3 problems: A; B; C`` for several); any other
+    multi-line message has its continuation lines joined the same way.  Each problem is cut at
+    about 200 characters and the line at about *limit*: the problems that do not fit are counted
+    (``; ... and 4 more``).
+    """
+    problems: tuple[str, ...] | None = getattr(exc, "problems", None)
+    if isinstance(problems, tuple) and all(isinstance(p, str) for p in problems):
+        source = getattr(exc, "source", None)
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        if len(problems) > 1:
+            head += f": {len(problems)} problems"
+        parts = [" ".join(p.split()) for p in problems]
+    else:
+        lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
+        lines = [line for line in lines if line] or [type(exc).__name__]
+        head, parts = lines[0], lines[1:]
+    if not parts:
+        return _clip(head, limit)
+    text = head + ": "
+    for index, part in enumerate(parts):
+        shown = _clip(part, _PROBLEM_MAX)
+        rest = len(parts) - index - 1
+        tail = f"; ... and {rest} more" if rest else ""
+        if index and len(text) + len(shown) + len(tail) > limit:
+            return text + f"... and {len(parts) - index} more"
+        text += shown + ("; " if rest else "")
+    return text
+
+
+def read_config(path: str) -> PolicyConfig:
+    """`load_config` for a command: a file that cannot be opened is ``cannot read
+    configuration FILE: REASON``, not an invalid configuration.
+
+    Raises:
+        CommandError: *path* cannot be opened.
+        InvalidConfiguration: the configuration is invalid (a syntax error, a bad value...).
+    """
+    from domainpolicy._config import load_config
+
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CommandError(f"cannot read configuration {path!r}: {exc.strerror or exc}") from exc
+    return load_config(path)
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +137,11 @@ def inputs(values: Sequence[str], path: str | None) -> Iterator[str]:
     yield from values
     if path is not None:
         handle: TextIO
-        with sys.stdin if path == "-" else open(path, encoding="utf-8") as handle:
+        try:
+            handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+        except OSError as exc:
+            raise CommandError(f"cannot read {path!r}: {exc.strerror or exc}") from exc
+        with handle:
             for raw in handle:
                 line = raw.strip()
                 if line and not line.startswith("#"):

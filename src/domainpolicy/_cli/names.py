@@ -9,14 +9,13 @@ Imports `common` and the library's core; the matcher and the configuration are i
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
-from domainpolicy._errors import DomainPolicyError, InvalidAddress, InvalidDomain
+from domainpolicy._errors import InvalidAddress, InvalidDomain
 from domainpolicy._names import domain_to_unicode, normalize_domain, parse_address
 from domainpolicy._psl import default_public_suffixes
 
-from .common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, Command, emit, inputs
+from .common import EXIT_INVALID, EXIT_OK, Command, CommandError, emit, inputs, read_config
 
 if TYPE_CHECKING:
     from domainpolicy._matcher import DomainMatcher
@@ -34,7 +33,18 @@ def _error_record(value: str, exc: InvalidDomain | InvalidAddress) -> dict[str, 
     }
 
 
+def _needs_input(args: argparse.Namespace, values: list[str], what: str) -> None:
+    """Refuse a command given nothing to work on (a usage error, not a silent success).
+
+    Raises:
+        CommandError: no *values* and no ``-f FILE``.
+    """
+    if not values and args.file is None:
+        raise CommandError(f"{args.command} needs at least one {what} or -f FILE ('-': stdin)")
+
+
 def _cmd_normalize(args: argparse.Namespace, out: TextIO) -> int:
+    _needs_input(args, args.domains, "DOMAIN")
     status = EXIT_OK
     for value in inputs(args.domains, args.file):
         try:
@@ -82,9 +92,7 @@ def _check_matcher(args: argparse.Namespace) -> DomainMatcher | None:
 
         return DomainMatcher.load(args.snapshot)
     if args.config is not None:
-        from domainpolicy._config import load_config
-
-        return load_config(args.config).matcher
+        return read_config(args.config).matcher
     return None
 
 
@@ -123,14 +131,9 @@ def _describe_match(matcher: DomainMatcher, key: str | None) -> dict[str, Any]:
 
 
 def _cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    _needs_input(args, args.targets, "ADDRESS-OR-DOMAIN")
     status = EXIT_OK
-    try:
-        matcher = _check_matcher(args)
-    except DomainPolicyError as exc:
-        lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines()]
-        detail = "; ".join(line for line in lines[1:] if line)
-        sys.stderr.write(f"domainpolicy: error: {lines[0]}{': ' + detail if detail else ''}\n")
-        return EXIT_USAGE
+    matcher = _check_matcher(args)  # an error is one line from main, exit 2
     for value in inputs(args.targets, args.file):
         record: dict[str, Any] = {"input": value}
         try:

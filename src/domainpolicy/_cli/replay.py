@@ -18,7 +18,10 @@ with `RelayPolicy.evaluate_many`, up to `MAX_BATCH` at a time: one store transac
 for all of them, and exactly the decisions of deciding them one by one.  A skipped (malformed)
 line changes nothing, not even the clock.  The state lives in a
 fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
-exact SMTP reply; the run ends with every tenant's state and audit trail.
+exact SMTP reply (a refusal repeating the reply of one printed before for its tenant is counted
+in one ``... and N more refusals like ...`` line unless ``--verbose``); the run ends with every
+tenant's state and audit trail.  A relay log that cannot be read, or a configuration that
+cannot, is one error line (exit 2), with a hint when the two look swapped.
 """
 
 from __future__ import annotations
@@ -33,13 +36,22 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from domainpolicy._blockstate import ChecklistIncomplete
-from domainpolicy._config import load_config
+from domainpolicy._config import PolicyConfig
 from domainpolicy._connectors import InboundConnector
-from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
+from domainpolicy._errors import DomainPolicyError
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
 from domainpolicy._stores import SQLiteStore, StateStore, open_store
 
-from .common import EXIT_INVALID, EXIT_OK, Command, Progress, add_progress_option
+from .common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Command,
+    CommandError,
+    Progress,
+    add_progress_option,
+    one_line,
+    read_config,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -86,6 +98,23 @@ def _stamp(at: float) -> str:
     return datetime.datetime.fromtimestamp(at, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _subject(name: str, event: dict[str, Any]) -> str:
+    """What an admin event is about, for its line: the domain(s), connector or code."""
+    if name in ("register_domain", "remove_domain"):
+        return str(event.get("domain", ""))
+    if name == "declare_not_ours":
+        domains = event.get("domains", [])
+        return ", ".join(map(str, domains)) if isinstance(domains, list) else str(domains)
+    if name == "connector_created":
+        return str(event.get("connector", ""))
+    if name == "review_connector":
+        kept = "kept" if event.get("kept", False) else "removed"
+        return f"{event.get('connector', '')}, {kept}"
+    if name == "request_unblock":
+        return str(event.get("code", ""))
+    return ""
+
+
 def _text(event: dict[str, Any], key: str, default: str | None = None) -> str:
     value = event.get(key, default)
     if not isinstance(value, str):
@@ -94,14 +123,57 @@ def _text(event: dict[str, Any], key: str, default: str | None = None) -> str:
 
 
 class _Replay:
-    def __init__(self, policy: RelayPolicy, out: TextIO, as_json: bool) -> None:
+    def __init__(
+        self, policy: RelayPolicy, out: TextIO, as_json: bool, verbose: bool = False
+    ) -> None:
         self.policy = policy
         self.out = out
         self.as_json = as_json
+        self.verbose = verbose
         self.counts = {"accepted": 0, "refused": 0, "tempfail": 0, "admin": 0, "rejected": 0}
+        # Text output: the last refusal printed in full, per (tenant, reply), and the refusals
+        # like it not printed since (message ids), summarised before the next line.
+        self._shown: dict[tuple[str | None, tuple[str, ...]], str] = {}
+        self._repeats: tuple[tuple[str | None, tuple[str, ...]], list[str]] | None = None
 
     def emit(self, record: dict[str, Any], text: str) -> None:
-        self.out.write((json.dumps(record, ensure_ascii=False) if self.as_json else text) + "\n")
+        if self.as_json:
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            return
+        self.flush_repeats()
+        self.out.write(text + "\n")
+
+    def flush_repeats(self) -> None:
+        """Print the summary of the refusals not printed because they repeat an earlier one."""
+        if self._repeats is None:
+            return
+        key, ids = self._repeats
+        self._repeats = None
+        count = len(ids)
+        known = [i for i in ids if i != "-"]
+        which = ""
+        if known:
+            which = f": {known[0]}" if len(known) == 1 else f": {known[0]} to {known[-1]}"
+        self.out.write(
+            f"{' ' * 24}... and {count} more refusal{'s' if count != 1 else ''} "
+            f"like {self._shown[key]}{which}\n"
+        )
+
+    def _repeat(self, request: RelayRequest, decision: Decision) -> bool:
+        """Whether a refusal only repeats one printed before for its tenant (text output,
+        without ``--verbose``, no state change or alert): then it is counted, not printed."""
+        if self.as_json or decision.accepted:
+            return False
+        key = (decision.tenant, tuple(decision.reply.lines()))
+        effects = decision.effects
+        if self.verbose or effects.transitions or effects.alerts or key not in self._shown:
+            return False
+        if self._repeats is not None and self._repeats[0] != key:
+            self.flush_repeats()
+        if self._repeats is None:
+            self._repeats = (key, [])
+        self._repeats[1].append(request.message_id or "-")
+        return True
 
     def request(self, event: dict[str, Any]) -> RelayRequest:
         """The `RelayRequest` of a relay event.
@@ -146,6 +218,8 @@ class _Replay:
         self._print_decision(at, request, decision)
 
     def _print_decision(self, at: float, request: RelayRequest, decision: Decision) -> None:
+        if self._repeat(request, decision):
+            return
         reply_lines = decision.reply.lines()
         record = {
             "at": _stamp(at),
@@ -171,18 +245,26 @@ class _Replay:
         head = f"accepted ({decision.reason})" if decision.accepted else reply_lines[0]
         text = [f"{_stamp(at)} relay {request.message_id or '-'} {who} {sender} -> {head}"]
         text += [f"{' ' * 24}{line}" for line in reply_lines[1:]] if not decision.accepted else []
+        reasons = set()
         for transition in decision.effects.transitions:
+            reasons.add(transition.reason)
             text.append(
                 f"{' ' * 24}STATE {transition.source.value} -> {transition.target.value}: "
                 f"{transition.reason}"
             )
         for alert in decision.effects.alerts:
-            text.append(f"{' ' * 24}ALERT {alert.kind.value}: {alert.message}")
+            # An alert that says what the state change above says is not said twice.
+            said = "" if alert.message in reasons else f": {alert.message}"
+            text.append(f"{' ' * 24}ALERT {alert.kind.value}{said}")
         self.emit(record, "\n".join(text))
+        if not decision.accepted:
+            self._shown[(decision.tenant, tuple(reply_lines))] = request.message_id or "the above"
 
     def admin(self, at: float, name: str, event: dict[str, Any]) -> None:
         tenant = _text(event, "tenant")
         by = _text(event, "by", "operator")
+        subject = _subject(name, event)
+        who = f"{tenant}{f' ({subject})' if subject else ''} by {by}"
         policy = self.policy
         actions: dict[str, Callable[[], object]] = {
             "register_domain": lambda: policy.register_domain(
@@ -224,7 +306,7 @@ class _Replay:
                     "missing": list(exc.missing),
                 },
                 "\n".join(
-                    [f"{_stamp(at)} {name} {tenant} by {by} -> REFUSED: remediation incomplete"]
+                    [f"{_stamp(at)} {name} {who} -> REFUSED: remediation incomplete"]
                     + [f"{' ' * 24}missing: {step}" for step in exc.missing]
                 ),
             )
@@ -234,7 +316,7 @@ class _Replay:
             message = str(exc).splitlines()[0]
             self.emit(
                 {"at": _stamp(at), "event": name, "tenant": tenant, "ok": False, "error": message},
-                f"{_stamp(at)} {name} {tenant} by {by} -> REFUSED: {message}",
+                f"{_stamp(at)} {name} {who} -> REFUSED: {message}",
             )
             return
         state = policy.store.load(tenant)
@@ -246,14 +328,15 @@ class _Replay:
                 "ok": True,
                 "state": state.state.value,
             },
-            f"{_stamp(at)} {name} {tenant} by {by} -> ok, tenant is {state.state.value}",
+            f"{_stamp(at)} {name} {who} -> ok, tenant is {state.state.value}",
         )
 
     def status(self, status: TenantStatus, at: float | None = None) -> None:
+        distinct = status.distinct_domains
         lines = [
             f"{'' if at is None else _stamp(at) + ' '}tenant {status.tenant}: {status.state.value}"
             f" ({status.unregistered} unregistered of {status.total} relayed in the window, "
-            f"{status.distinct_domains} distinct unregistered domains)"
+            f"{distinct} distinct unregistered domain{'' if distinct == 1 else 's'})"
         ]
         if status.probation_until is not None:
             lines.append(f"  probation until {_stamp(status.probation_until)}")
@@ -261,9 +344,10 @@ class _Replay:
             if status.checklist.complete:
                 lines.append("  checklist: complete")
             lines += [f"  checklist: missing: {step}" for step in status.checklist.missing]
-        lines.append("  accepted domains: " + ", ".join(d.domain for d in status.accepted_domains))
+        domains = ", ".join(d.domain for d in status.accepted_domains) or "(none)"
+        lines.append(f"  accepted domains: {domains}")
         if at is None:
-            lines.append("  audit trail:")
+            lines.append("  audit trail:" + ("" if status.history else " (none)"))
             for record in status.history:
                 who = f" by {record.actor}" if record.actor else ""
                 lines.append(
@@ -281,11 +365,65 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", help="state store URL (default: a fresh temporary SQLite database)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print every refusal in full (default: a refusal that repeats the reply of one "
+        "printed before for the same tenant is counted in a '... and N more' line)",
+    )
     add_progress_option(parser)
 
 
+_USAGE = "domainpolicy replay LOG.jsonl --config TENANTS.toml"
+
+
+def _swapped(args: argparse.Namespace) -> str:
+    """A hint when the relay log and the configuration look swapped, else ``""``."""
+    log, config = str(args.log).lower(), str(args.config).lower()
+    if log.endswith(".toml"):
+        return f" (the arguments look swapped; usage: {_USAGE})"
+    if config.endswith((".jsonl", ".json", ".log")):
+        return f" (--config takes the TOML configuration; usage: {_USAGE})"
+    return ""
+
+
+def _open_log(args: argparse.Namespace) -> tuple[Any, int]:
+    """The relay log's binary handle (stdin for ``-``) and its size (0 if unknown).
+
+    Raises:
+        CommandError: the log cannot be read, or is a configuration file (a ``.toml``).
+    """
+    if args.log == "-":
+        return sys.stdin.buffer, 0
+    hint = _swapped(args)
+    if str(args.log).lower().endswith(".toml"):
+        raise CommandError(f"relay log {args.log!r} is a TOML file, not JSON lines{hint}")
+    try:
+        handle = open(args.log, "rb")  # noqa: SIM115 - closed by the caller
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read relay log {args.log!r}: {exc.strerror or exc}{hint}"
+        ) from exc
+    return handle, os.fstat(handle.fileno()).st_size
+
+
 def _run(args: argparse.Namespace, out: TextIO) -> int:
-    config = load_config(args.config)
+    handle, total = _open_log(args)
+    try:
+        try:
+            config = read_config(args.config)
+        except (CommandError, DomainPolicyError) as exc:
+            raise CommandError(one_line(exc) + _swapped(args)) from exc
+        return _run_with(args, out, config, handle, total)
+    finally:
+        if handle is not sys.stdin.buffer:
+            handle.close()
+
+
+def _run_with(
+    args: argparse.Namespace, out: TextIO, config: PolicyConfig, handle: Any, total: int
+) -> int:
     clock = [0.0]
     with tempfile.TemporaryDirectory(prefix="domainpolicy-replay-") as scratch:
         store: StateStore = (
@@ -295,22 +433,20 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
         )
         try:
             policy = config.build_policy(store=store, clock=lambda: clock[0])
-            return _replay(args, out, policy, clock)
+            return _replay(args, out, policy, clock, handle, total)
         finally:
             store.close()
 
 
-def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: list[float]) -> int:
-    replay = _Replay(policy, out, args.json)
-    handle: Any
-    if args.log == "-":
-        handle, total = sys.stdin.buffer, 0
-    else:
-        try:
-            handle = open(args.log, "rb")  # noqa: SIM115 - closed below
-            total = os.fstat(handle.fileno()).st_size
-        except OSError as exc:
-            raise InvalidConfiguration([f"cannot read relay log {args.log!r}: {exc}"]) from exc
+def _replay(
+    args: argparse.Namespace,
+    out: TextIO,
+    policy: RelayPolicy,
+    clock: list[float],
+    handle: Any,
+    total: int,
+) -> int:
+    replay = _Replay(policy, out, args.json, args.verbose)
     progress = Progress(total, args)
     bad = 0
     done = 0
@@ -357,8 +493,7 @@ def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: l
         flush()
     finally:
         progress.finish()
-        if handle is not sys.stdin.buffer:
-            handle.close()
+    replay.flush_repeats()
     if not args.json:
         out.write("\n== final state ==\n")
     tenants = sorted(set(policy.store.tenants()) | set(policy.matcher.tenants()))

@@ -4,6 +4,7 @@
 
     domainpolicy serve --config tenants.toml --listen 127.0.0.1:10040 [--store URL]
         [--metrics 127.0.0.1:9100] [--request-timeout 2] [--max-batch 256] [--log-level info]
+        [--socket-mode 0660] [--socket-group postfix] [--permit-connectors]
 
 It loads the configuration, opens the store (``--store`` or the configured one), builds the
 `RelayPolicy` and serves it with `PolicyServer` and `make_handler`.  Once listening it prints
@@ -37,7 +38,11 @@ from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
 from domainpolicy._stores import StateStore, open_store
-from domainpolicy.integrations._metrics import MetricsEndpoint
+from domainpolicy.integrations._metrics import (
+    METRICS_EXTRA,
+    MetricsEndpoint,
+    prometheus_available,
+)
 from domainpolicy.integrations.postfix import (
     DEFAULT_MAX_BATCH,
     InstanceCache,
@@ -50,19 +55,12 @@ from domainpolicy.integrations.postfix import (
     parse_listen_address,
 )
 
-from .common import EXIT_OK, EXIT_USAGE, Command
+from .common import EXIT_OK, EXIT_USAGE, Command, CommandError, one_line, read_config
 
 __all__ = ["COMMANDS"]
 
 _log = logging.getLogger("domainpolicy.serve")
 _LEVELS = ("debug", "info", "warning", "error")
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip().removeprefix("- ") for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
 
 
 def _error(message: str) -> int:
@@ -90,6 +88,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _socket_mode(text: str) -> int:
+    """argparse type: permission bits in octal (``0660``, ``660``, ``0o666``)."""
+    digits = text.lower().removeprefix("0o")
+    try:
+        value = int(digits, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0000 and 0777")
+    return value
+
+
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "SIGHUP reloads the configuration (accepted domains, connectors, replies); "
@@ -114,7 +124,8 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only)",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback only; needs "
+        f"{METRICS_EXTRA})",
     )
     parser.add_argument(
         "--request-timeout",
@@ -140,6 +151,24 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         f"running together, at most N at a time (default {DEFAULT_MAX_BATCH}; 1: one at a time)",
     )
     parser.add_argument(
+        "--socket-mode",
+        type=_socket_mode,
+        metavar="MODE",
+        help="permissions of a unix: socket, in octal (default 0660: owner and group; 0666: "
+        "anyone on the host)",
+    )
+    parser.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give a unix: socket to this group (a name or a gid, e.g. postfix) after binding",
+    )
+    parser.add_argument(
+        "--permit-connectors",
+        action="store_true",
+        help="answer OK (permit) instead of DUNNO for accepted mail that a connector (client "
+        "IP or certificate) attributed to a tenant, so the ranges need not be in mynetworks",
+    )
+    parser.add_argument(
         "--log-level",
         choices=_LEVELS,
         default="info",
@@ -156,9 +185,11 @@ class _Service:
         config: PolicyConfig,
         policy: RelayPolicy,
         max_batch: int = DEFAULT_MAX_BATCH,
+        permit_connectors: bool = False,
     ) -> None:
         self.path = path
         self.max_batch = max_batch
+        self.permit_connectors = permit_connectors
         self.config = config
         self.policy = policy
         self.server: PolicyServer | None = None
@@ -172,6 +203,7 @@ class _Service:
             cache=self.cache,
             pinned_certificates=self.config.pinned_certificates,
             max_batch=self.max_batch,
+            permit_connectors=self.permit_connectors,
         )
 
     async def reload(self) -> None:
@@ -214,7 +246,11 @@ async def _serve(
     listen: ListenAddress,
     metrics: ListenAddress | None,
 ) -> int:
-    settings = ServerSettings(request_timeout=args.request_timeout)
+    settings = ServerSettings(
+        request_timeout=args.request_timeout,
+        unix_socket_mode=0o660 if args.socket_mode is None else args.socket_mode,
+        unix_socket_group=args.socket_group,
+    )
     service.cache = InstanceCache(maxsize=args.cache_size)
     server = PolicyServer(service.handler(), settings=settings, reload_hook=service.reload)
     service.server = server
@@ -223,14 +259,14 @@ async def _serve(
         try:
             await server.start(listen)
         except (DomainPolicyError, OSError) as exc:
-            return _error(f"cannot listen on {args.listen}: {_one_line(exc)}")
+            return _error(f"cannot listen on {args.listen}: {one_line(exc)}")
         if metrics is not None:
             assert metrics.host is not None
             assert metrics.port is not None
             try:
                 endpoint = await server.start_metrics(metrics.host, metrics.port)
             except (DomainPolicyError, OSError) as exc:
-                return _error(f"cannot serve metrics on {args.metrics}: {_one_line(exc)}")
+                return _error(f"cannot serve metrics on {args.metrics}: {one_line(exc)}")
         remove = install_signal_handlers(asyncio.get_running_loop(), server.reload, server.close)
         try:
             record: dict[str, object] = {"listening": str(server.address)}
@@ -265,31 +301,39 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     try:
         listen = parse_listen_address(args.listen)
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         metrics = _metrics_address(args.metrics) if args.metrics is not None else None
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
+    if metrics is not None and not prometheus_available():
+        return _error(f"--metrics needs the prometheus_client package: {METRICS_EXTRA}")
+    if listen.path is None and (args.socket_group is not None or args.socket_mode is not None):
+        return _error("--socket-mode and --socket-group apply only to --listen unix:/path")
     try:
-        config = load_config(args.config)
+        ServerSettings(unix_socket_group=args.socket_group)  # an unknown group: exit 2 now
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
+    try:
+        config = read_config(args.config)
+    except (CommandError, DomainPolicyError) as exc:
+        return _error(one_line(exc))
     store: StateStore
     try:
         store = open_store(args.store) if args.store is not None else config.open_store()
     except DomainPolicyError as exc:
-        return _error(_one_line(exc))
+        return _error(one_line(exc))
     try:
         try:
             policy = config.build_policy(store=store)
         except DomainPolicyError as exc:
-            return _error(_one_line(exc))
+            return _error(one_line(exc))
         logging.basicConfig(
             level=getattr(logging, args.log_level.upper()),
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        service = _Service(args.config, config, policy, args.max_batch)
+        service = _Service(args.config, config, policy, args.max_batch, args.permit_connectors)
         _log.info("serving %s with a %s", args.config, type(store).__name__)
         return asyncio.run(_serve(args, out, service, listen, metrics))
     finally:

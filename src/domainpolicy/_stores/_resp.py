@@ -213,5 +213,3 @@ class Wire:
         finally:
             pool.release(connection)
         return replies
-
-

@@ -122,7 +122,6 @@ def cluster_url(url: str) -> tuple[str, list[ClusterNode]]:
     return first, nodes[1:]
 
 
-
 def cluster_round(
     client: redis.RedisCluster,
     wire: Wire,

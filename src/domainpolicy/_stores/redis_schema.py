@@ -278,5 +278,3 @@ class Keys:
         self.batched = [*self.scripted, base + "seq"]
         self.wire: bytes | None = None  # `batched` packed by `_Wire.item`
         self.slot = -1  # the Cluster slot (-1: not computed yet)
-
-

@@ -1,34 +1,50 @@
-"""Counters for the policy server and their Prometheus text exposition.
+"""Counters for the policy server, exposed to Prometheus with ``prometheus_client``.
 
 `PolicyMetrics` is a plain in-process counter set: the asyncio server updates it from one event
-loop thread, so no locking is needed.  `PolicyMetrics.render_prometheus` produces the Prometheus
-text format (version 0.0.4); `MetricsEndpoint` serves it over a tiny HTTP/1.0 server that only
-binds to loopback addresses.
+loop thread, so no locking is needed and the hot path pays a few integer additions.  Its
+exposition goes through ``prometheus_client`` (the optional ``metrics`` extra,
+``pip install 'domainpolicy[metrics]'``): a custom collector reads the counters at scrape time
+into a `prometheus_client.CollectorRegistry` of its own (`PolicyMetrics.registry`; never the
+global default registry, so tests and several servers in one process do not collide), which
+renders the Prometheus text format (`PolicyMetrics.render_prometheus`) or OpenMetrics, chosen
+by the scraper's ``Accept`` header at `MetricsEndpoint`, ``prometheus_client``'s threaded HTTP
+server, bound to loopback addresses only.  Without the extra the counters still count
+(`PolicyMetrics.snapshot`); only the exposition raises `InvalidConfiguration` naming the
+extra.
 
 Label sets are bounded on purpose: actions are counted per *class* (``dunno``, ``ok``,
 ``reject``, ``5xx``, ``4xx`` ... ``other``), never per action text, and malformed requests per
 parser reason code, so a hostile peer cannot grow the exposition without bound.
+
+Imports the errors module; ``prometheus_client`` only when the exposition is used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import ipaddress
 import itertools
-import logging
-from collections.abc import Callable
-from typing import Final
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 from domainpolicy._errors import InvalidConfiguration, shown
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import CollectorRegistry
 
 __all__ = [
     "ACTION_CLASSES",
     "LATENCY_BUCKETS",
+    "METRICS_EXTRA",
     "MetricsEndpoint",
     "PolicyMetrics",
     "action_class",
+    "prometheus_available",
 ]
 
 LATENCY_BUCKETS: Final = (
@@ -77,7 +93,6 @@ ACTION_CLASSES: Final = (
 """Every value `action_class` can return (the label values of the action counter)."""
 
 _PREFIX: Final = "domainpolicy_policy"
-_log = logging.getLogger("domainpolicy.integrations.metrics")
 
 
 def action_class(action: str) -> str:
@@ -96,14 +111,23 @@ def action_class(action: str) -> str:
     return "other"
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+METRICS_EXTRA: Final = "pip install 'domainpolicy[metrics]'"
+"""How to get the exposition (``prometheus_client``), for error messages."""
 
 
-def _number(value: float) -> str:
-    if value == int(value) and abs(value) < 2**53:
-        return str(int(value))
-    return repr(value)
+def _prometheus_missing() -> InvalidConfiguration:
+    return InvalidConfiguration(
+        [f"Prometheus metrics need the prometheus_client package: {METRICS_EXTRA}"]
+    )
+
+
+def prometheus_available() -> bool:
+    """Whether ``prometheus_client`` (the ``metrics`` extra) can be imported."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class PolicyMetrics:
@@ -136,6 +160,7 @@ class PolicyMetrics:
         self.reload_failures = 0
         self._bucket_counts = [0] * (len(self.buckets) + 1)
         self.latency_sum = 0.0
+        self._registry: CollectorRegistry | None = None
 
     def observe(self, action: str, seconds: float) -> None:
         """Count one answered request with its *action* text and handling latency."""
@@ -175,79 +200,133 @@ class PolicyMetrics:
             "latency_buckets": [[b, c] for b, c in self.latency_counts()],
         }
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This counter set's own ``prometheus_client`` registry (made on first use).
+
+        Raises:
+            InvalidConfiguration: ``prometheus_client`` is not installed.
+        """
+        if self._registry is None:
+            try:
+                from prometheus_client import CollectorRegistry
+            except ImportError:
+                raise _prometheus_missing() from None
+            registry = CollectorRegistry(auto_describe=True)
+            registry.register(_Collector(self))
+            self._registry = registry
+        return self._registry
+
     def render_prometheus(self) -> str:
-        """Render every counter in the Prometheus text exposition format 0.0.4."""
-        p = _PREFIX
-        lines: list[str] = []
+        """Every counter in the Prometheus text exposition format (0.0.4).
 
-        def scalar(name: str, kind: str, help_text: str, value: float) -> None:
-            lines.append(f"# HELP {p}_{name} {help_text}")
-            lines.append(f"# TYPE {p}_{name} {kind}")
-            lines.append(f"{p}_{name} {_number(value)}")
+        Raises:
+            InvalidConfiguration: ``prometheus_client`` is not installed.
+        """
+        registry = self.registry
+        from prometheus_client import generate_latest
 
-        scalar("requests_total", "counter", "Policy requests answered.", self.requests)
-        lines.append(f"# HELP {p}_actions_total Answers by action class.")
-        lines.append(f"# TYPE {p}_actions_total counter")
+        return generate_latest(registry).decode("utf-8")
+
+    def render_openmetrics(self) -> str:
+        """Every counter in the OpenMetrics text format (ends with ``# EOF``).
+
+        Raises:
+            InvalidConfiguration: ``prometheus_client`` is not installed.
+        """
+        registry = self.registry
+        from prometheus_client.openmetrics.exposition import generate_latest
+
+        text: bytes = generate_latest(registry)  # type: ignore[no-untyped-call]
+        return text.decode("utf-8")
+
+
+class _Collector:
+    """The ``prometheus_client`` collector of a `PolicyMetrics`: reads its counters at scrape
+    time (the names and labels are part of the public interface; keep them)."""
+
+    def __init__(self, metrics: PolicyMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        m, p = self.metrics, _PREFIX
+        # Scrapes may run in the HTTP server's thread: copy what the event loop may mutate.
+        actions, malformed = dict(m.actions), dict(m.malformed)
+
+        def counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"{p}_{name}", help_text, value=value)
+
+        yield counter("requests", "Policy requests answered.", m.requests)
+        family = CounterMetricFamily(f"{p}_actions", "Answers by action class.", labels=["class"])
         for name in ACTION_CLASSES:
-            lines.append(f'{p}_actions_total{{class="{name}"}} {self.actions[name]}')
-        lines.append(f"# HELP {p}_malformed_total Malformed requests (no reply, disconnect).")
-        lines.append(f"# TYPE {p}_malformed_total counter")
-        for reason in sorted(self.malformed):
-            count = self.malformed[reason]
-            lines.append(f'{p}_malformed_total{{reason="{_escape_label(reason)}"}} {count}')
-        scalar(
-            "timeouts_total",
-            "counter",
+            family.add_metric([name], actions.get(name, 0))
+        yield family
+        family = CounterMetricFamily(
+            f"{p}_malformed", "Malformed requests (no reply, disconnect).", labels=["reason"]
+        )
+        for reason in sorted(malformed):
+            family.add_metric([reason], malformed[reason])
+        yield family
+        yield counter(
+            "timeouts",
             "Requests answered with the fallback action because the handler timed out.",
-            self.timeouts,
+            m.timeouts,
         )
-        scalar(
-            "handler_errors_total",
-            "counter",
+        yield counter(
+            "handler_errors",
             "Requests answered with the fallback action because the handler failed.",
-            self.handler_errors,
+            m.handler_errors,
         )
-        scalar(
-            "sanitised_actions_total",
-            "counter",
+        yield counter(
+            "sanitised_actions",
             "Handler action texts that had to be sanitised (handler bug).",
-            self.sanitised,
+            m.sanitised,
         )
-        scalar("connections_total", "counter", "Connections accepted.", self.connections)
-        scalar("connections_active", "gauge", "Connections open now.", self.connections_active)
-        scalar(
-            "connections_refused_total",
-            "counter",
+        yield counter("connections", "Connections accepted.", m.connections)
+        yield GaugeMetricFamily(
+            f"{p}_connections_active", "Connections open now.", value=m.connections_active
+        )
+        yield counter(
+            "connections_refused",
             "Connections closed at once because the connection limit was reached.",
-            self.connections_refused,
+            m.connections_refused,
         )
-        scalar("reloads_total", "counter", "Successful reloads.", self.reloads)
-        scalar("reload_failures_total", "counter", "Failed reloads.", self.reload_failures)
-        lines.append(f"# HELP {p}_request_duration_seconds Time to answer a request.")
-        lines.append(f"# TYPE {p}_request_duration_seconds histogram")
-        for bound, count in self.latency_counts():
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{p}_request_duration_seconds_bucket{{le="{le}"}} {count}')
-        lines.append(f"{p}_request_duration_seconds_sum {self.latency_sum!r}")
-        lines.append(f"{p}_request_duration_seconds_count {self.requests}")
-        return "\n".join(lines) + "\n"
-
-
-_HEAD_LIMIT: Final = 8192
-_HEAD_TIMEOUT: Final = 5.0
+        yield counter("reloads", "Successful reloads.", m.reloads)
+        yield counter("reload_failures", "Failed reloads.", m.reload_failures)
+        buckets = [
+            ("+Inf" if bound == float("inf") else repr(bound), count)
+            for bound, count in m.latency_counts()
+        ]
+        yield HistogramMetricFamily(
+            f"{p}_request_duration_seconds",
+            "Time to answer a request.",
+            buckets=buckets,
+            sum_value=m.latency_sum,
+        )
 
 
 class MetricsEndpoint:
-    """A tiny HTTP/1.0 server on loopback answering ``GET /metrics`` with the exposition.
+    """``prometheus_client``'s HTTP server on loopback, serving a registry at ``/metrics``.
 
-    Anything else gets 404 (unknown path), 405 (method other than GET/HEAD) or 400, and every
-    response closes the connection.  It is meant for a local Prometheus agent or ``curl``.
+    The scraper's ``Accept`` header chooses the Prometheus text format or OpenMetrics (and
+    ``Accept-Encoding`` gzip); any other path is 404.  The server runs in a daemon thread;
+    `close` stops it.  It is meant for a local Prometheus agent or ``curl``.
     """
 
-    def __init__(self, render: Callable[[], str]) -> None:
-        """Serve the text returned by *render* (called once per scrape)."""
-        self._render = render
-        self._server: asyncio.Server | None = None
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Serve *registry* (usually `PolicyMetrics.registry`)."""
+        self._registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: Any = None
 
     @property
     def port(self) -> int:
@@ -256,77 +335,70 @@ class MetricsEndpoint:
         Raises:
             RuntimeError: the endpoint is not started.
         """
-        if self._server is None or not self._server.sockets:
+        if self._server is None:
             raise RuntimeError("the metrics endpoint is not started")
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        return int(self._server.server_address[1])
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Bind *host*:*port* (port 0 picks a free port) and start serving.
 
         Raises:
-            InvalidConfiguration: *host* is not a loopback IP address.
+            InvalidConfiguration: *host* is not a loopback IP address, or ``prometheus_client``
+                is not installed.
             OSError: the address could not be bound.
         """
         try:
-            loopback = ipaddress.ip_address(host).is_loopback
+            address = ipaddress.ip_address(host)
         except ValueError as exc:
             raise InvalidConfiguration(
                 [f"metrics host {shown(host)} is not an IP address"]
             ) from exc
-        if not loopback:
+        if not address.is_loopback:
             raise InvalidConfiguration(
                 [f"metrics host {shown(host)} is not a loopback address; it must not be exposed"]
             )
-        self._server = await asyncio.start_server(self._serve, host, port)
+        try:
+            from prometheus_client import make_wsgi_app
+            from prometheus_client.exposition import ThreadingWSGIServer
+        except ImportError:
+            raise _prometheus_missing() from None
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+        class Server(ThreadingWSGIServer):
+            address_family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                """No access log on stderr (the server logs its own lines)."""
+
+        app = _only_metrics_path(make_wsgi_app(self._registry))
+        server = make_server(host, port, app, Server, handler_class=Quiet)
+        thread = threading.Thread(
+            target=server.serve_forever, name="domainpolicy-metrics", daemon=True
+        )
+        thread.start()
+        self._server, self._thread = server, thread
 
     async def close(self) -> None:
-        """Stop listening and wait until the listening socket is closed."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Stop serving and close the listening socket (waits for the server thread)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await asyncio.to_thread(server.shutdown)
+        server.server_close()
+        self._thread.join()
+        self._thread = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            try:
-                async with asyncio.timeout(_HEAD_TIMEOUT):
-                    head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-                await self._respond(writer, 400, "bad request\n", head_only=False)
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                await self._respond(writer, 400, "bad request\n", head_only=False)
-                return
-            method, target = parts[0], parts[1]
-            if method not in ("GET", "HEAD"):
-                await self._respond(writer, 405, "method not allowed\n", head_only=False)
-                return
-            if target.split("?", 1)[0] != "/metrics":
-                await self._respond(writer, 404, "not found\n", head_only=method == "HEAD")
-                return
-            await self._respond(writer, 200, self._render(), head_only=method == "HEAD")
-        except (ConnectionError, OSError) as exc:
-            _log.debug("metrics client went away: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
 
-    @staticmethod
-    async def _respond(
-        writer: asyncio.StreamWriter, status: int, body: str, *, head_only: bool
-    ) -> None:
-        reasons = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-        payload = body.encode("utf-8")
-        content_type = "text/plain; version=0.0.4; charset=utf-8" if status == 200 else "text/plain"
-        head = (
-            f"HTTP/1.0 {status} {reasons[status]}\r\n"
-            f"Content-Type: {content_type}\r\n"
-            f"Content-Length: {len(payload)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode("ascii")
-        writer.write(head if head_only else head + payload)
-        await writer.drain()
+def _only_metrics_path(app: Callable[..., Any]) -> Callable[..., Any]:
+    """*app* at ``/metrics`` only; any other path is 404 (``prometheus_client`` answers every
+    path)."""
+
+    def only(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        return app(environ, start_response)
+
+    return only

@@ -318,6 +318,7 @@ def make_handler(
     pinned_certificates: Mapping[str, str] | None = None,
     blocking: bool | None = None,
     max_batch: int | None = None,
+    permit_connectors: bool = False,
 ) -> PostfixHandler:
     """A `PostfixHandler` answering Postfix with *policy*'s decisions.
 
@@ -331,6 +332,11 @@ def make_handler(
       POSTFIX_REJECT_RESERVE)`` (room for the ``<rcpt>: Recipient address rejected:`` text
       Postfix inserts).  States without an envelope (``CONNECT``, ``EHLO``, ``HELO``, ``VRFY``,
       ``ETRN``) get ``DUNNO``; a missing or unknown state is decided (see `DECIDING_STATES`).
+      With *permit_connectors*, an accepted message that an inbound connector attributed to
+      its tenant (by client IP or certificate, `RelayPolicy.connector_tenant`) gets ``OK``
+      instead: Postfix permits it without its later restrictions, so the connectors' ranges
+      need not be repeated in ``mynetworks``.  Other accepted mail (a tenant found by the
+      sender's domain only) still gets ``DUNNO``; refusals are unchanged.
     * **Log line.**  `annotate` adds ``tenant``, ``sender_domain``, ``verdict`` (``accept``,
       ``refuse``, ``tempfail``, or ``skip``), ``code``, ``status``, ``reason``, ``cached``
       (the decision of an earlier recipient) and, for a request decided in the worker thread,
@@ -377,8 +383,14 @@ def make_handler(
     per_recipient = policy.count == "recipients"
     rendered: dict[Reply, str] = {}
 
-    def action_of(decision: Decision) -> str:
+    def action_of(decision: Decision, relay: RelayRequest) -> str:
         if decision.outcome is Outcome.ACCEPT:
+            if (
+                permit_connectors
+                and decision.tenant is not None
+                and policy.connector_tenant(relay) == decision.tenant
+            ):
+                return "OK"
             return "DUNNO"
         reply = decision.reply
         text = rendered.get(reply)
@@ -440,6 +452,6 @@ def make_handler(
             reason=decision.reason,
             cached=cached,
         )
-        return action_of(decision)
+        return action_of(decision, relay)
 
     return handler

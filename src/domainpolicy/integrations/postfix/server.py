@@ -164,9 +164,15 @@ class ServerSettings:
         write_timeout: seconds to hand a reply to a peer that does not read.
         max_connections: connections beyond this are closed at once (and counted).
         shutdown_grace: seconds `PolicyServer.close` waits for in-flight requests.
-        unix_socket_mode: permissions of a UNIX socket (None: leave them to the umask); the
-            default 0o660 lets the socket's group (put Postfix's user in it) connect.
+        unix_socket_mode: permissions of a UNIX socket (None: leave them to the umask), 0 to
+            0o777; the default 0o660 lets the socket's group connect: set *unix_socket_group*
+            to Postfix's group (or put Postfix's user in the server's group), or use 0o666.
+        unix_socket_group: the group a UNIX socket is given after it is bound, a name or a
+            numeric gid (None: the server's own group); the server must be root or a member.
         limits: request size limits.
+
+    Raises:
+        InvalidConfiguration: a value is out of range, or *unix_socket_group* names no group.
     """
 
     request_timeout: float = attrs.field(default=2.0, validator=positive)
@@ -177,8 +183,25 @@ class ServerSettings:
     write_timeout: float = attrs.field(default=10.0, validator=positive)
     max_connections: int = attrs.field(default=1024, validator=positive)
     shutdown_grace: float = attrs.field(default=5.0, validator=positive)
-    unix_socket_mode: int | None = 0o660
+    unix_socket_mode: int | None = attrs.field(default=0o660)
+    unix_socket_group: int | str | None = attrs.field(default=None)
     limits: PolicyLimits = DEFAULT_LIMITS
+
+    @unix_socket_mode.validator
+    def _check_mode(self, _attribute: attrs.Attribute[int | None], value: int | None) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+            raise InvalidConfiguration(
+                [f"unix_socket_mode must be permission bits 0 to 0o777, got {shown(value)}"]
+            )
+
+    @unix_socket_group.validator
+    def _check_group(
+        self, _attribute: attrs.Attribute[int | str | None], value: int | str | None
+    ) -> None:
+        if value is not None:
+            _group_id(value)
 
     @fallback_action.validator
     def _check_fallback(self, _attribute: attrs.Attribute[str], value: str) -> None:
@@ -649,8 +672,15 @@ class PolicyServer:
         if address.path is not None:
             _remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(self._protocol, path=address.path)
-            if self.settings.unix_socket_mode is not None:
-                os.chmod(address.path, self.settings.unix_socket_mode)
+            try:
+                _set_socket_access(address.path, self.settings)
+            except BaseException:
+                self._server.close()
+                await self._server.wait_closed()
+                self._server = None
+                with contextlib.suppress(OSError):  # asyncio leaves the socket file behind
+                    os.unlink(address.path)
+                raise
         else:
             assert address.port is not None
             self._server = await loop.create_server(self._protocol, address.host, address.port)
@@ -658,13 +688,15 @@ class PolicyServer:
         self.log.info("policy server listening on %s", self.address)
 
     async def start_metrics(self, host: str = "127.0.0.1", port: int = 0) -> MetricsEndpoint:
-        """Serve `PolicyMetrics.render_prometheus` at ``http://HOST:PORT/metrics`` (loopback).
+        """Serve `metrics` (its `PolicyMetrics.registry`) at ``http://HOST:PORT/metrics``
+        (loopback only; Prometheus text or OpenMetrics, as the scraper's ``Accept`` asks).
 
         Raises:
-            InvalidConfiguration: *host* is not a loopback IP address.
+            InvalidConfiguration: *host* is not a loopback IP address, or ``prometheus_client``
+                (the ``metrics`` extra) is not installed.
             OSError: the address could not be bound.
         """
-        endpoint = MetricsEndpoint(self.metrics.render_prometheus)
+        endpoint = MetricsEndpoint(self.metrics.registry)
         await endpoint.start(host, port)
         self._metrics_endpoint = endpoint
         return endpoint
@@ -774,6 +806,52 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer) if peer else "unix"
+
+
+def _group_id(group: int | str) -> int:
+    """The numeric id of *group*: a gid (``int`` or digits) or a group name.
+
+    Raises:
+        InvalidConfiguration: *group* is negative, empty or names no group.
+    """
+    import grp
+
+    if isinstance(group, bool) or not isinstance(group, int | str):
+        raise InvalidConfiguration([f"unix socket group {shown(group)} must be a name or a gid"])
+    if isinstance(group, int) or group.isdigit():
+        gid = int(group)
+        if gid < 0:
+            raise InvalidConfiguration([f"unix socket group {shown(group)} is not a gid"])
+        return gid
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise InvalidConfiguration([f"unix socket group {shown(group)} does not exist"]) from None
+
+
+def _set_socket_access(path: str, settings: ServerSettings) -> None:
+    """Give the bound socket at *path* its group, then its mode (the group first, so that the
+    socket is never open to the wrong group).
+
+    Raises:
+        InvalidConfiguration: the group or mode cannot be set (not root, not a member...).
+    """
+    try:
+        if settings.unix_socket_group is not None:
+            os.chown(path, -1, _group_id(settings.unix_socket_group))
+        if settings.unix_socket_mode is not None:
+            os.chmod(path, settings.unix_socket_mode)
+    except OSError as exc:
+        raise InvalidConfiguration(
+            [
+                f"cannot set the group {shown(settings.unix_socket_group)} and mode "
+                f"{_octal(settings.unix_socket_mode)} of unix:{path}: {exc.strerror or exc}"
+            ]
+        ) from exc
+
+
+def _octal(mode: int | None) -> str:
+    return "unchanged" if mode is None else f"{mode:04o}"
 
 
 def _remove_stale_socket(path: str) -> None:
