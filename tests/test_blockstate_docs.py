@@ -6,12 +6,13 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 
 
 def _generator() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
-        "gen_state_diagram", DOCS / "gen_state_diagram.py"
+        "gen_state_diagram", ROOT / "tools" / "gen_state_diagram.py"
     )
     assert spec is not None
     assert spec.loader is not None
@@ -21,7 +22,7 @@ def _generator() -> ModuleType:
 
 
 def test_state_machine_page_is_up_to_date() -> None:
-    """The committed page equals its regeneration: run python docs/gen_state_diagram.py if not."""
+    """The committed page equals its regeneration: run python tools/gen_state_diagram.py if not."""
     generator = _generator()
     page = (DOCS / "state-machine.md").read_text(encoding="utf-8")
     assert generator.regenerate(page) == page

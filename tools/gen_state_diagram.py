@@ -7,8 +7,9 @@ Each section sits between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENE
 * ``defaults``: every ``BlockPolicy`` default with the reason kept in its field metadata;
 * ``timeline``: a worked timeline produced by running the machine on a scripted scenario.
 
-Usage: ``python docs/gen_state_diagram.py`` rewrites the page; ``--check`` exits 1 if the page is
-stale.  ``tests/test_blockstate_docs.py`` runs the check, so the page cannot drift.
+Usage: ``python tools/gen_state_diagram.py`` rewrites the page; ``--check`` exits 1 if the page is
+stale.  ``tests/test_blockstate_docs.py`` runs the check, so the page cannot drift.  The script
+lives outside ``docs/`` so that the built site does not carry a copy of it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from domainpolicy._blockstate import (
     TenantState,
 )
 
-PAGE = Path(__file__).with_name("state-machine.md")
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "state-machine.md"
 
 
 def render_diagram() -> str:
@@ -218,7 +219,7 @@ def main(argv: list[str]) -> int:
     fresh = regenerate(current)
     if "--check" in argv:
         if fresh != current:
-            print(f"{PAGE} is stale: run python docs/gen_state_diagram.py", file=sys.stderr)
+            print(f"{PAGE} is stale: run python tools/gen_state_diagram.py", file=sys.stderr)
             return 1
         return 0
     if fresh != current:
