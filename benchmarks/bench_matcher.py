@@ -51,8 +51,7 @@ from itertools import repeat
 from types import ModuleType
 from typing import Any
 
-import _support
-from _support import old_path
+from _support import old_path, write_json
 from compact_table import CompactTable
 from domainpolicy import AcceptedDomain, DomainMatcher, DomainType, normalize_domain
 from domainpolicy._names import clear_cache
@@ -554,7 +553,7 @@ def main() -> None:
         results.append(run(n, args.queries, args.repeats, before))
         gc.collect()
     if args.json:
-        _support.write_json(args.json, "bench_matcher", results)
+        write_json(args.json, "bench_matcher", results)
     disposable(args.repeats)
 
 

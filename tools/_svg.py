@@ -8,7 +8,9 @@ monospace font the pictures use, which is good enough to keep labels apart.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 MONO = "DejaVu Sans Mono, Menlo, Consolas, monospace"
 SANS = "DejaVu Sans, Helvetica, Arial, sans-serif"
@@ -167,3 +169,16 @@ class Canvas:
         parts += self.items
         parts.append("</svg>")
         return "\n".join(parts) + "\n"
+
+
+def update(outputs: dict[Path, str], *, check: bool, command: str) -> int:
+    """Write every stale file of *outputs* (path -> text), or with *check* only name each stale
+    one on stderr (asking for *command*) and return 1; 0 when nothing was stale."""
+    stale = [p for p, text in outputs.items() if not p.exists() or p.read_text("utf-8") != text]
+    for path in stale:
+        if check:
+            print(f"{path} is stale: run {command}", file=sys.stderr)
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(outputs[path], encoding="utf-8")
+    return 1 if check and stale else 0

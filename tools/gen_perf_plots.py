@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from _svg import MONO, Canvas, text_width
+from _svg import MONO, Canvas, text_width, update
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "benchmarks" / "data"
@@ -329,19 +329,7 @@ def render_all() -> dict[Path, str]:
 
 def main(argv: list[str]) -> int:
     """Rewrite the pictures, or with ``--check`` report whether they are up to date."""
-    stale = {
-        path: text
-        for path, text in render_all().items()
-        if not path.exists() or path.read_text(encoding="utf-8") != text
-    }
-    if "--check" in argv:
-        for path in stale:
-            print(f"{path} is stale: run python tools/gen_perf_plots.py", file=sys.stderr)
-        return 1 if stale else 0
-    for path, text in stale.items():
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    return 0
+    return update(render_all(), check="--check" in argv, command="python tools/gen_perf_plots.py")
 
 
 if __name__ == "__main__":

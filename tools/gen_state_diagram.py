@@ -23,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from _svg import MONO, Canvas, text_width
+from _svg import MONO, Canvas, text_width, update
 from domainpolicy._blockstate import (
     TRANSITIONS,
     BlockMachine,
@@ -380,19 +380,7 @@ def regenerate(text: str) -> str:
 def main(argv: list[str]) -> int:
     """Rewrite the page and the picture, or with ``--check`` report whether they are up to date."""
     outputs = {PAGE: regenerate(PAGE.read_text(encoding="utf-8")), PICTURE: render_svg()}
-    stale = [
-        path
-        for path, fresh in outputs.items()
-        if not path.exists() or path.read_text(encoding="utf-8") != fresh
-    ]
-    if "--check" in argv:
-        for path in stale:
-            print(f"{path} is stale: run python tools/gen_state_diagram.py", file=sys.stderr)
-        return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(outputs[path], encoding="utf-8")
-    return 0
+    return update(outputs, check="--check" in argv, command="python tools/gen_state_diagram.py")
 
 
 if __name__ == "__main__":
