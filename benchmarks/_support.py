@@ -4,11 +4,17 @@ this directory, which Python puts first on ``sys.path``)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
+import platform
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 from domainpolicy import _names
 
@@ -51,3 +57,18 @@ def old_path() -> Iterator[None]:
         yield
     finally:
         _names._plain_mapping, _names._plain_alabel = saved
+
+
+def write_json(path: str, benchmark: str, results: list[dict[str, Any]]) -> None:
+    """Write a benchmark's *results* to *path* as the JSON that ``tools/gen_perf_plots.py``
+    draws the performance page's plots from: which benchmark, the command line, the date
+    (UTC), the Python version, and one record per measurement."""
+    document = {
+        "benchmark": benchmark,
+        "command": " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "measured": datetime.datetime.now(datetime.UTC).date().isoformat(),
+        "python": platform.python_version(),
+        "source": "run",
+        "results": results,
+    }
+    Path(path).write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", "utf-8")

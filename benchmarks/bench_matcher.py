@@ -51,7 +51,7 @@ from itertools import repeat
 from types import ModuleType
 from typing import Any
 
-from _support import old_path
+from _support import old_path, write_json
 from compact_table import CompactTable
 from domainpolicy import AcceptedDomain, DomainMatcher, DomainType, normalize_domain
 from domainpolicy._names import clear_cache
@@ -361,7 +361,9 @@ def traced_bytes(cls: Any, path: str) -> int:
     return kept
 
 
-def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None) -> None:
+def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None) -> dict[str, Any]:
+    """Measure every contender at size *n*, print the tables, and return the record that
+    ``--json`` writes: ``{"n", "lookups_per_s": {contender: rate}}``."""
     entries = generate(n)
     qs = queries(entries, query_count)
     # Both versions compile with cold name caches (IDN labels are converted once per process).
@@ -501,6 +503,7 @@ def run(n: int, query_count: int, repeats: int, before: ModuleType | None = None
         + ", ".join(f"{name} {value / n:.1f}" for name, value in sizes.items())
         + f"; nested / ours = {sizes['nested'] / sizes['ours']:.2f}x"
     )
+    return {"n": n, "lookups_per_s": {name: round(value) for name, value in measured.items()}}
 
 
 def disposable(repeats: int) -> None:
@@ -535,6 +538,9 @@ def main() -> None:
     parser.add_argument(
         "--before", metavar="PATH", help="another _matcher.py to measure side by side"
     )
+    parser.add_argument(
+        "--json", metavar="FILE", help="also write the lookups/s of every contender per N here"
+    )
     args = parser.parse_args()
     before = load_before(args.before) if args.before else None
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -542,9 +548,12 @@ def main() -> None:
         sizes.append(10_000_000)
     print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     default_public_suffixes()  # built once per process, outside every timing
+    results = []
     for n in sizes:
-        run(n, args.queries, args.repeats, before)
+        results.append(run(n, args.queries, args.repeats, before))
         gc.collect()
+    if args.json:
+        write_json(args.json, "bench_matcher", results)
     disposable(args.repeats)
 
 

@@ -200,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--batches", default="1,16,64", help="evaluate_many batch sizes ('' for evaluate only)"
     )
+    parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
     args = parser.parse_args(argv)
     count, repeats = (2000, 3) if args.quick else (20000, 3)
     stores = args.stores.split(",")
@@ -262,7 +263,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         "\ntargets (issue 6, accept path): memory >= 200k/s, SQLite >= 10k/s, Redis >= 20k/s with batching"
     )
+    if args.json:
+        _support.write_json(args.json, "bench_policy", [row_record(*row) for row in table])
     return 0
+
+
+def row_record(store: str, processes: int, size: int, results: dict[str, float]) -> dict[str, Any]:
+    """One table row as ``--json`` writes it (``batch`` None: one message per `evaluate` call)."""
+    return {
+        "store": store,
+        "processes": processes,
+        "batch": size or None,
+        "decisions_per_s": {kind: round(rate) for kind, rate in results.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import _support
 from domainpolicy.integrations import PolicyRequest, PolicyServer
@@ -180,23 +181,38 @@ def run_level(
             sock.close()
 
 
+def level_record(
+    server: str, connections: int, elapsed: float, latencies: list[float]
+) -> dict[str, Any]:
+    """One measurement as ``--json`` writes it: requests/s and p50/p99/max latency in ms."""
+    lat = sorted(latencies)
+    q = statistics.quantiles(lat, n=100)
+    return {
+        "server": server,
+        "connections": connections,
+        "req_per_s": round(len(lat) / elapsed),
+        "p50_ms": round(q[49] * 1000, 3),
+        "p99_ms": round(q[98] * 1000, 3),
+        "max_ms": round(lat[-1] * 1000, 3),
+    }
+
+
 def measure(
     name: str, port: int, total: int, levels: Sequence[int], make: Callable[[int, int], bytes]
-) -> dict[int, float]:
-    """Warm up, then print one table row per concurrency level; the requests/s per level."""
+) -> list[dict[str, Any]]:
+    """Warm up, then print one table row per concurrency level; the `level_record` of each."""
     run_level(port, 2, 200, make)
-    rates: dict[int, float] = {}
+    records = []
     for connections in levels:
         elapsed, lat = run_level(port, connections, max(1, total // connections), make)
-        lat.sort()
-        q = statistics.quantiles(lat, n=100)
-        rates[connections] = len(lat) / elapsed
+        record = level_record(name, connections, elapsed, lat)
+        records.append(record)
         print(
-            f"| {name} | {connections} | {len(lat) / elapsed:,.0f} | {q[49] * 1000:.3f} "
-            f"| {q[98] * 1000:.3f} | {lat[-1] * 1000:.3f} |",
+            f"| {name} | {connections} | {record['req_per_s']:,} | {record['p50_ms']:.3f} "
+            f"| {record['p99_ms']:.3f} | {record['max_ms']:.3f} |",
             flush=True,
         )
-    return rates
+    return records
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -208,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--servers", default="trivial,memory,sqlite,sqlite-nobatch,redis,redis-nobatch"
     )
     parser.add_argument("--levels", default="1,10,50")
+    parser.add_argument("--json", metavar="FILE", help="also write every measurement here")
     parser.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_trivial:
@@ -223,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = Path(scratch) / "tenants.toml"
         config.write_text(config_text())
         redis: tuple[subprocess.Popen[bytes], str] | None = None
-        rates: dict[str, dict[int, float]] = {}
+        records: list[dict[str, Any]] = []
         try:
             for name in servers:
                 if name == "trivial":
@@ -255,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 with open(os.devnull, "wb") as sink:
                     child, port = start_server(argv, stderr=sink.fileno())
                 try:
-                    rates[name] = measure(name, port, total, levels, make)
+                    records += measure(name, port, total, levels, make)
                 finally:
                     child.terminate()
                     child.wait()
@@ -265,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if redis is not None:
                 redis[0].terminate()
                 redis[0].wait()
+    rates: dict[str, dict[int, float]] = {}
+    for record in records:
+        rates.setdefault(record["server"], {})[record["connections"]] = record["req_per_s"]
     print_ratios(rates, levels)
+    if args.json:
+        _support.write_json(args.json, "bench_policy_server", records)
 
 
 def print_ratios(rates: dict[str, dict[int, float]], levels: Sequence[int]) -> None:

@@ -1,6 +1,8 @@
 """A small relay: aiosmtpd applies the domain policy, accepted mail goes on to a downstream host.
 
-Run it (the downstream server must accept mail from this host for any recipient)::
+Needs the aiosmtpd extra (``pip install 'domainpolicy[aiosmtpd]'``; without it the script says
+so and exits 2).  Run it (the downstream server must accept mail from this host for any
+recipient)::
 
     python examples/aiosmtpd_relay.py --config examples/tenants.toml \\
         --listen 127.0.0.1:10025 --downstream 127.0.0.1:25
@@ -19,14 +21,22 @@ import argparse
 import logging
 import signal
 import smtplib
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from aiosmtpd.controller import Controller
-
 from domainpolicy import load_config
-from domainpolicy.integrations.aiosmtpd import PolicyHandler
+
+try:
+    from aiosmtpd.controller import Controller
+
+    from domainpolicy.integrations.aiosmtpd import PolicyHandler
+except ModuleNotFoundError as missing:  # the aiosmtpd extra is not installed
+    if (missing.name or "").partition(".")[0] != "aiosmtpd":
+        raise
+    print("aiosmtpd_relay.py needs aiosmtpd: pip install 'domainpolicy[aiosmtpd]'", file=sys.stderr)
+    raise SystemExit(2) from None
 
 __all__ = ["build_controller", "forwarder", "main"]
 

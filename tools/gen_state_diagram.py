@@ -2,13 +2,16 @@
 
 Each section sits between ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``:
 
-* ``diagram``: a mermaid state diagram of every state-changing edge of ``TRANSITIONS``;
+* ``diagram``: the picture ``docs/images/state-machine.svg`` (drawn here, as an arc diagram of
+  every state-changing edge of ``TRANSITIONS``, no script or web service needed to view it) and
+  a reference to it;
 * ``table``: the full transition table, self-loops included;
 * ``defaults``: every ``BlockPolicy`` default with the reason kept in its field metadata;
 * ``timeline``: a worked timeline produced by running the machine on a scripted scenario.
 
-Usage: ``python docs/gen_state_diagram.py`` rewrites the page; ``--check`` exits 1 if the page is
-stale.  ``tests/test_blockstate_docs.py`` runs the check, so the page cannot drift.
+Usage: ``python tools/gen_state_diagram.py`` rewrites the page and the picture; ``--check`` exits
+1 if either is stale.  ``tests/test_blockstate_docs.py`` runs the check, so neither can drift.
+The script lives outside ``docs/`` so that the built site does not carry a copy of it.
 """
 
 from __future__ import annotations
@@ -20,28 +23,190 @@ from pathlib import Path
 
 import attrs
 
+from _svg import MONO, Canvas, text_width, update
 from domainpolicy._blockstate import (
     TRANSITIONS,
     BlockMachine,
     BlockPolicy,
     ChecklistIncomplete,
+    Edge,
     Effects,
     State,
     TenantState,
 )
 
-PAGE = Path(__file__).with_name("state-machine.md")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGE = DOCS / "state-machine.md"
+PICTURE = DOCS / "images" / "state-machine.svg"
+
+# (line and text colour, node fill) of each state, in State order; a state added later gets grey.
+PALETTE = [
+    ("#1e7b34", "#e3f4e6"),
+    ("#b35900", "#fdebd9"),
+    ("#1f5fa8", "#e1ecf8"),
+    ("#a51d2d", "#f9e0e3"),
+]
+NODE_H, SPACING, LEVEL_H, NODE_FONT, LABEL_FONT = 36.0, 200.0, 26.0, 13.0, 12.0
+
+
+def edge_title(edge: Edge) -> str:
+    """How the picture names an edge (its tooltip)."""
+    return f"{edge.source.name} -> {edge.target.name}: {edge.event.value}" + (
+        f" [{edge.when}]" if edge.when else ""
+    )
+
+
+def render_svg() -> str:
+    """An arc diagram of the state-changing edges of ``TRANSITIONS``.
+
+    The states stand in a row in `State` order.  An edge to a later state is drawn above the
+    row, an edge to an earlier one below it; each runs up (or down) from a port of its source,
+    across at its own level and into its target, with an arrowhead in the target's colour.
+    Levels are packed so that an edge passes over every edge whose span overlaps its own, and
+    ports are ordered so that no edge crosses another at its ends.  A label names the event
+    and, by number, its condition (`conditions`, listed on the page under the picture).
+    """
+    states = list(State)
+    index = {state: i for i, state in enumerate(states)}
+    colours = {
+        s: PALETTE[i] if i < len(PALETTE) else ("#555", "#eee") for i, s in enumerate(states)
+    }
+    edges = [e for e in TRANSITIONS if e.source is not e.target]
+    notes = conditions()
+
+    def span(edge: Edge) -> tuple[int, int]:
+        a, b = index[edge.source], index[edge.target]
+        return min(a, b), max(a, b)
+
+    above = {e: index[e.target] > index[e.source] for e in edges}
+    level: dict[Edge, int] = {}
+    for edge in sorted(edges, key=lambda e: (span(e)[1] - span(e)[0], edges.index(e))):
+        lo, hi = span(edge)
+        level[edge] = 1 + max(
+            (
+                level[o]
+                for o in level
+                if above[o] == above[edge] and span(o)[0] < hi and lo < span(o)[1]
+            ),
+            default=0,
+        )
+    up = max((level[e] for e in edges if above[e]), default=0)
+    down = max((level[e] for e in edges if not above[e]), default=0)
+
+    widths = {s: text_width(s.name, NODE_FONT) + 28 for s in states}
+    left = 70 + widths[states[0]] / 2
+    centre = {s: left + i * SPACING for i, s in enumerate(states)}
+    top = up * LEVEL_H + 24
+    bottom = top + NODE_H
+    canvas = Canvas(
+        centre[states[-1]] + widths[states[-1]] / 2 + 16,
+        bottom + down * LEVEL_H + 12,
+        title="Block state machine: every state-changing transition",
+        desc="States in a row; transitions to a later state above, to an earlier state below; "
+        "a number in brackets refers to the transition's condition, listed under the picture.",
+    )
+    for state in states:
+        canvas.arrow_marker(f"to-{state.name}", colours[state][0])
+
+    # Ports: each end of an edge gets its own x on the top or bottom side of its node.
+    ports: dict[tuple[Edge, State], float] = {}
+    for state in states:
+        for side in (True, False):
+            ends = []
+            for edge in edges:
+                if above[edge] is not side:
+                    continue
+                for end, other in ((edge.source, edge.target), (edge.target, edge.source)):
+                    if end is state:
+                        d = 1 if index[other] > index[state] else -1
+                        ends.append(((d, -level[edge] if d > 0 else level[edge]), edge))
+            ends.sort(key=lambda item: item[0])
+            inner = widths[state] - 20
+            for k, (_, edge) in enumerate(ends):
+                x = centre[state] - inner / 2 + inner * (k + 1) / (len(ends) + 1)
+                ports[(edge, state)] = x
+
+    for edge in edges:
+        colour = colours[edge.target][0]
+        sx, tx = ports[(edge, edge.source)], ports[(edge, edge.target)]
+        edge_y = top if above[edge] else bottom
+        y = top - level[edge] * LEVEL_H if above[edge] else bottom + level[edge] * LEVEL_H
+        label = edge.event.value + (f" [{notes.index(edge.when) + 1}]" if edge.when else "")
+        canvas.open_group("edge", edge_title(edge))
+        canvas.polyline(
+            [(sx, edge_y), (sx, y), (tx, y), (tx, edge_y)],
+            stroke=colour,
+            width=1.4,
+            marker=f"to-{edge.target.name}",
+        )
+        canvas.text(
+            (sx + tx) / 2,
+            y - 6,
+            label,
+            size=LABEL_FONT,
+            anchor="middle",
+            font=MONO,
+            fill=colour,
+            halo=True,
+        )
+        canvas.close_group()
+
+    first = states[0]
+    start_x = centre[first] - widths[first] / 2 - 44
+    canvas.open_group("start", f"start -> {first.name}")
+    canvas.circle(start_x, top + NODE_H / 2, 6, fill="#222")
+    canvas.polyline(
+        [(start_x + 6, top + NODE_H / 2), (centre[first] - widths[first] / 2, top + NODE_H / 2)],
+        stroke="#222",
+        width=1.4,
+        marker=f"to-{first.name}",
+    )
+    canvas.close_group()
+    for state in states:
+        line, fill = colours[state]
+        canvas.open_group("state", state.name)
+        canvas.rect(
+            centre[state] - widths[state] / 2,
+            top,
+            widths[state],
+            NODE_H,
+            fill=fill,
+            stroke=line,
+            rx=8,
+        )
+        canvas.text(
+            centre[state],
+            top + NODE_H / 2 + 4,
+            state.name,
+            size=NODE_FONT,
+            anchor="middle",
+            font=MONO,
+            weight="bold",
+            fill=line,
+        )
+        canvas.close_group()
+    return canvas.render()
+
+
+def conditions() -> list[str]:
+    """The distinct conditions (``when``) of the state-changing edges, numbered from 1 in the
+    picture, in table order."""
+    notes: list[str] = []
+    for edge in TRANSITIONS:
+        if edge.source is not edge.target and edge.when and edge.when not in notes:
+            notes.append(edge.when)
+    return notes
 
 
 def render_diagram() -> str:
-    """A mermaid ``stateDiagram-v2`` of the state-changing edges, in table order."""
-    lines = ["```mermaid", "stateDiagram-v2", "    [*] --> ACTIVE"]
-    for edge in TRANSITIONS:
-        if edge.source is edge.target:
-            continue
-        label = edge.event.value + (f" [{edge.when}]" if edge.when else "")
-        lines.append(f"    {edge.source.name} --> {edge.target.name}: {label}")
-    lines.append("```")
+    """The page's reference to the picture `render_svg` draws, and its numbered conditions."""
+    lines = [
+        "![The block state machine: every state-changing transition of TRANSITIONS, "
+        "transitions to a later state above the row, to an earlier one below]"
+        "(images/state-machine.svg)",
+        "",
+    ]
+    lines += [f"- **[{n}]** {note}" for n, note in enumerate(conditions(), 1)]
     return "\n".join(lines)
 
 
@@ -213,17 +378,9 @@ def regenerate(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Rewrite the page, or with ``--check`` report whether it is up to date."""
-    current = PAGE.read_text(encoding="utf-8")
-    fresh = regenerate(current)
-    if "--check" in argv:
-        if fresh != current:
-            print(f"{PAGE} is stale: run python docs/gen_state_diagram.py", file=sys.stderr)
-            return 1
-        return 0
-    if fresh != current:
-        PAGE.write_text(fresh, encoding="utf-8")
-    return 0
+    """Rewrite the page and the picture, or with ``--check`` report whether they are up to date."""
+    outputs = {PAGE: regenerate(PAGE.read_text(encoding="utf-8")), PICTURE: render_svg()}
+    return update(outputs, check="--check" in argv, command="python tools/gen_state_diagram.py")
 
 
 if __name__ == "__main__":
