@@ -17,7 +17,7 @@ from domainpolicy._stores.outbox import DEAD, DELIVERED, PENDING, OutboxRow
 from domainpolicy._tenant_state import Alert
 from store_support import STORE_KINDS
 
-OUTBOX_KINDS = ["memory", "sqlite"]
+OUTBOX_KINDS = sorted(STORE_KINDS)
 
 POLICY = BlockPolicy(message_limit=5, domain_limit=5, max_tracked_domains=20, warn_fraction=1.0)
 T0 = 1_700_000_000.0
@@ -69,7 +69,9 @@ def test_block_writes_one_row_per_routed_sink(store: StateStore) -> None:
     assert sorted(r.sink for r in rows) == ["hook", "mail"]
     assert len({r.alert_id for r in rows}) == 1
     (first, *_) = rows
-    assert first.status == PENDING and first.attempts == 0 and first.kind == "blocked"
+    assert first.status == PENDING
+    assert first.attempts == 0
+    assert first.kind == "blocked"
     assert first.payload["block"]["code"] == "5.7.750"
     assert "d0.example" in first.payload["block"]["offending_domains"]
     assert first.payload["limits"]["messages"] == 5
@@ -101,7 +103,8 @@ def test_admin_event_alert_is_enqueued(store: StateStore) -> None:
         actor="ops",
     )
     (only,) = store.alert_rows()
-    assert only.tenant == "acme" and only.kind == "blocked"
+    assert only.tenant == "acme"
+    assert only.kind == "blocked"
 
 
 def test_enqueue_is_idempotent(store: StateStore) -> None:
@@ -129,7 +132,8 @@ def test_claim_examples(
     got = store.claim_alerts(sinks, now, lease=30, owner="w1")
     assert bool(got) is claimed
     if claimed:
-        assert got[0].attempts == 1 and got[0].owner == "w1"
+        assert got[0].attempts == 1
+        assert got[0].owner == "w1"
 
 
 def test_lease_excludes_other_workers_until_it_expires(store: StateStore) -> None:
@@ -138,7 +142,8 @@ def test_lease_excludes_other_workers_until_it_expires(store: StateStore) -> Non
     assert len(store.claim_alerts(["hook"], T0, lease=30, owner="w1")) == 1
     assert store.claim_alerts(["hook"], T0 + 29, lease=30, owner="w2") == []
     (again,) = store.claim_alerts(["hook"], T0 + 31, lease=30, owner="w2")
-    assert again.attempts == 2 and again.owner == "w2"
+    assert again.attempts == 2
+    assert again.owner == "w2"
 
 
 def test_ack_delivers_once(store: StateStore) -> None:
@@ -160,7 +165,8 @@ def test_fail_then_retry_then_dead_then_retry(store: StateStore) -> None:
     assert store.fail_alert(got.id, "w1", T0, error="HTTP 500", retry_at=T0 + 10)
     assert store.claim_alerts(["hook"], T0 + 9, lease=30, owner="w1") == []
     (got,) = store.claim_alerts(["hook"], T0 + 10, lease=30, owner="w1")
-    assert got.attempts == 2 and got.last_error == "HTTP 500"
+    assert got.attempts == 2
+    assert got.last_error == "HTTP 500"
     assert store.fail_alert(got.id, "w1", T0 + 10, error="HTTP 503", retry_at=None)
     (dead,) = store.alert_rows(status=DEAD)
     assert dead.last_error == "HTTP 503"
@@ -281,3 +287,22 @@ for _kind in OUTBOX_KINDS:
     _test = _machine.TestCase
     _test.settings = __import__("hypothesis").settings(max_examples=25, stateful_step_count=30)
     globals()[f"TestOutbox_{_kind.replace('-', '_')}"] = _test
+
+
+def test_redis_rows_the_index_lost_are_found_again(tmp_path: Path) -> None:
+    """Rows written by a transition whose index update was lost (a crash) are still claimed."""
+    from redis_support import redis_url
+
+    prefix = f"ob{uuid.uuid4().hex[:8]}:"
+    url = redis_url(tmp_path)
+    writer = open_store(url, server_time=False, prefix=prefix)
+    writer.route_alerts(lambda alert: ("hook",))
+    block(writer)
+    client = writer._client  # type: ignore[attr-defined]
+    client.delete(f"{prefix}outbox:pending", f"{prefix}outbox:all")  # as if it crashed
+    worker = open_store(url, server_time=False, prefix=prefix)
+    (got,) = worker.claim_alerts(["hook"], T0 + 10, lease=30, owner="w")
+    assert got.tenant == "acme"
+    assert got.kind == "blocked"
+    writer.close()
+    worker.close()
