@@ -284,7 +284,7 @@ class OutboxMachine(RuleBasedStateMachine):
 
 for _kind in OUTBOX_KINDS:
     _machine = type(f"Outbox_{_kind.replace('-', '_')}", (OutboxMachine,), {"kind": _kind})
-    _test = _machine.TestCase
+    _test = _machine.TestCase  # type: ignore[attr-defined]
     _test.settings = __import__("hypothesis").settings(max_examples=25, stateful_step_count=30)
     globals()[f"TestOutbox_{_kind.replace('-', '_')}"] = _test
 
