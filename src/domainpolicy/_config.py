@@ -18,6 +18,8 @@ from typing import Any, Final
 
 import attrs
 
+from ._alerts.config import parse_alerts
+from ._alerts.sinks import AlertsConfig
 from ._blockstate import BlockPolicy
 from ._connectors import ConnectorTable, InboundConnector
 from ._errors import InvalidConfiguration, InvalidDomain, shown
@@ -31,7 +33,7 @@ __all__ = ["PolicyConfig", "load_config", "parse_domains_file"]
 
 _TOP_KEYS: Final = frozenset(
     {"store", "policy", "relay", "replies", "tenants", "connectors", "domains_file", "postfix"}
-)
+) | {"alerts"}
 _TENANT_KEYS: Final = frozenset({"domains", "domains_file"})
 _DOMAIN_KEYS: Final = frozenset({"domain", "match_subdomains", "type"})
 _CONNECTOR_KEYS: Final = frozenset(
@@ -69,6 +71,8 @@ class PolicyConfig:
     store_url: str
     relay: Mapping[str, Any] = attrs.field(factory=dict)
     pinned_certificates: Mapping[str, str] = attrs.field(factory=dict)
+    alerts: AlertsConfig | None = None
+    """The ``[alerts]`` table (see `domainpolicy._alerts.config`), None when absent."""
 
     def open_store(self) -> StateStore:
         """Open the configured store.
@@ -416,6 +420,12 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
 
     pinned = _pinned_certificates(data.get("postfix", {}), problems)
 
+    alerts = None
+    try:
+        alerts = parse_alerts(data.get("alerts"))
+    except InvalidConfiguration as exc:
+        problems.items.extend(exc.problems)
+
     if problems.items or matcher is None or connector_table is None or block_policy is None:
         raise InvalidConfiguration(problems.items or ["configuration is incomplete"], source=source)
     return PolicyConfig(
@@ -428,4 +438,5 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         store_url=store_url,
         relay=dict(relay),
         pinned_certificates=pinned,
+        alerts=alerts,
     )

@@ -5,7 +5,8 @@ this package.
 * `names`: ``normalize``, ``check``;
 * `admin`: ``compile``, ``tenant ...``, ``ndr``;
 * `replay`: ``replay``;
-* `serve`: ``serve`` (the Postfix policy server).
+* `serve`: ``serve`` (the Postfix policy server);
+* `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox).
 
 Each command module declares a ``COMMANDS`` table and imports `common` and the library, never
 this package.  The command modules are imported when the parser is built, not when this package
@@ -42,9 +43,15 @@ __all__ = [
 
 def commands() -> dict[str, Command]:
     """Every command, in the order ``domainpolicy --help`` lists them."""
-    from . import admin, names, replay, serve
+    from . import admin, alerts, names, replay, serve
 
-    return {**names.COMMANDS, **replay.COMMANDS, **admin.COMMANDS, **serve.COMMANDS}
+    return {
+        **names.COMMANDS,
+        **replay.COMMANDS,
+        **admin.COMMANDS,
+        **serve.COMMANDS,
+        **alerts.COMMANDS,
+    }
 
 
 def _version() -> str:

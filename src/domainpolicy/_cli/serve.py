@@ -34,6 +34,7 @@ import logging
 import sys
 from typing import Any, TextIO
 
+from domainpolicy._alerts.worker import AlertWorker
 from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
@@ -335,7 +336,16 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         )
         service = _Service(args.config, config, policy, args.max_batch, args.permit_connectors)
         _log.info("serving %s with a %s", args.config, type(store).__name__)
-        return asyncio.run(_serve(args, out, service, listen, metrics))
+        # The alert delivery worker ([alerts]): its own thread, never in the decision path.
+        worker = None
+        if config.alerts is not None:
+            worker = AlertWorker(store, config.alerts, policy=config.block_policy)
+            worker.start()
+        try:
+            return asyncio.run(_serve(args, out, service, listen, metrics))
+        finally:
+            if worker is not None:
+                worker.stop()
     finally:
         store.close()
 

@@ -40,6 +40,7 @@ from domainpolicy._blockstate import (
     Transition,
 )
 from domainpolicy._errors import StoreUnavailable, shown
+from domainpolicy._stores.outbox import AlertRoute, OutboxRow
 
 __all__ = [
     "AuditRecord",
@@ -367,6 +368,77 @@ class StateStore(abc.ABC):
         Raises:
             StoreUnavailable: the store failed.
         """
+
+    # -- the alert outbox (see `domainpolicy._stores.outbox`) ---------------------------
+
+    #: The route of alerts to sinks; None (the default) writes no outbox rows.
+    alert_route: AlertRoute | None = None
+
+    def route_alerts(self, route: AlertRoute | None) -> None:
+        """From now on, write one outbox row per alert and sink named by *route* in the same
+        atomic write as the transition that raised the alert (None: write no rows)."""
+        self.alert_route = route
+
+    def _no_outbox(self) -> StoreUnavailable:
+        return StoreUnavailable(f"the {self.kind} store keeps no alert outbox")
+
+    def enqueue_alerts(self, rows: Sequence[OutboxRow]) -> int:
+        """Add *rows* (reminders, samples) unless a row of the same id exists; return how many
+        were added.  Atomic per row; a row already there is left as it is.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+        """
+        raise self._no_outbox()
+
+    def claim_alerts(
+        self, sinks: Sequence[str], now: float, *, lease: float, owner: str, limit: int = 100
+    ) -> list[OutboxRow]:
+        """Claim up to *limit* pending rows of *sinks* due at *now* and not leased by another
+        worker; each claimed row counts one more attempt and is leased to *owner* until
+        ``now + lease``.  Two workers never hold the same row at once.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+            InvalidEvent: *now*, *lease*, *limit* or *sinks* is malformed.
+        """
+        raise self._no_outbox()
+
+    def ack_alert(self, row_id: str, now: float) -> bool:
+        """Mark a row delivered; False when no pending row has that id.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+        """
+        raise self._no_outbox()
+
+    def fail_alert(
+        self, row_id: str, owner: str, now: float, *, error: str, retry_at: float | None
+    ) -> bool:
+        """Record a failed attempt of the row *owner* holds: due again at *retry_at*, or dead
+        (the dead letter) when *retry_at* is None.  False when *owner* no longer holds it.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+        """
+        raise self._no_outbox()
+
+    def retry_alert(self, row_id: str, now: float) -> bool:
+        """Make a dead row pending again, due at *now*, with its attempts reset; False when
+        no dead row has that id.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+        """
+        raise self._no_outbox()
+
+    def alert_rows(self, *, status: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        """Outbox rows (of one status, or all), oldest first, at most *limit*.
+
+        Raises:
+            StoreUnavailable: the store failed (or keeps no outbox).
+        """
+        raise self._no_outbox()
 
     def close(self) -> None:  # noqa: B027 - optional for stores that hold nothing
         """Release connections.  The store may not be used afterwards."""

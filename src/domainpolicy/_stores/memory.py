@@ -9,6 +9,8 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
+
 from domainpolicy._blockstate import (
     BlockMachine,
     Effects,
@@ -24,6 +26,14 @@ from domainpolicy._stores.base import (
     apply_and_audit,
     audit_records,
     batch_times,
+)
+from domainpolicy._stores.outbox import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    OutboxRow,
+    check_claim,
+    transition_rows,
 )
 
 __all__ = ["MemoryStore"]
@@ -41,6 +51,7 @@ class MemoryStore(StateStore):
         self._lock = threading.Lock()
         self._states: dict[str, TenantState] = {}
         self._audit: dict[str, list[AuditRecord]] = {}
+        self._outbox: dict[str, OutboxRow] = {}
 
     def observe(
         self,
@@ -69,6 +80,8 @@ class MemoryStore(StateStore):
                 self._audit.setdefault(tenant, []).extend(
                     audit_records(tenant, now, "observe", None, {}, before, new.state, effects)
                 )
+            if effects.alerts and self.alert_route is not None:
+                self._put(transition_rows(self.alert_route, machine, new, effects.alerts, now))
             return new, effects
 
     def observe_many(
@@ -105,6 +118,8 @@ class MemoryStore(StateStore):
                     self._audit.setdefault(tenant, []).extend(
                         audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
                     )
+                if effects.alerts and self.alert_route is not None:
+                    self._put(transition_rows(self.alert_route, machine, new, effects.alerts, at))
                 append((new, effects))
         return results
 
@@ -125,6 +140,8 @@ class MemoryStore(StateStore):
             )
             self._states[tenant] = new
             self._audit.setdefault(tenant, []).extend(records)
+            if effects.alerts and self.alert_route is not None:
+                self._put(transition_rows(self.alert_route, None, new, effects.alerts, now))
             return new, effects
 
     def load(self, tenant: str) -> TenantState:
@@ -142,3 +159,84 @@ class MemoryStore(StateStore):
     def tenants(self) -> list[str]:
         with self._lock:
             return sorted(self._states)
+
+    # -- the alert outbox -------------------------------------------------------------
+
+    def _put(self, rows: Sequence[OutboxRow]) -> int:
+        added = 0
+        for row in rows:
+            if row.id not in self._outbox:
+                self._outbox[row.id] = row
+                added += 1
+        return added
+
+    def enqueue_alerts(self, rows: Sequence[OutboxRow]) -> int:
+        with self._lock:
+            return self._put(rows)
+
+    def claim_alerts(
+        self, sinks: Sequence[str], now: float, *, lease: float, owner: str, limit: int = 100
+    ) -> list[OutboxRow]:
+        check_claim(sinks, now, lease, limit)
+        wanted = set(sinks)
+        claimed: list[OutboxRow] = []
+        with self._lock:
+            due = sorted(
+                (
+                    r
+                    for r in self._outbox.values()
+                    if r.status == PENDING
+                    and r.sink in wanted
+                    and r.due <= now
+                    and r.lease_until <= now
+                ),
+                key=lambda r: (r.due, r.id),
+            )
+            for old in due[:limit]:
+                row = attrs.evolve(
+                    old, attempts=old.attempts + 1, lease_until=now + lease, owner=owner
+                )
+                self._outbox[row.id] = row
+                claimed.append(row)
+        return claimed
+
+    def ack_alert(self, row_id: str, now: float) -> bool:
+        with self._lock:
+            row = self._outbox.get(row_id)
+            if row is None or row.status != PENDING:
+                return False
+            self._outbox[row_id] = attrs.evolve(
+                row, status=DELIVERED, lease_until=0.0, owner=None, due=now
+            )
+            return True
+
+    def fail_alert(
+        self, row_id: str, owner: str, now: float, *, error: str, retry_at: float | None
+    ) -> bool:
+        with self._lock:
+            row = self._outbox.get(row_id)
+            if row is None or row.status != PENDING or row.owner != owner:
+                return False
+            self._outbox[row_id] = attrs.evolve(
+                row,
+                status=DEAD if retry_at is None else PENDING,
+                due=now if retry_at is None else retry_at,
+                last_error=error,
+                lease_until=0.0,
+                owner=None,
+            )
+            return True
+
+    def retry_alert(self, row_id: str, now: float) -> bool:
+        with self._lock:
+            row = self._outbox.get(row_id)
+            if row is None or row.status != DEAD:
+                return False
+            self._outbox[row_id] = attrs.evolve(row, status=PENDING, attempts=0, due=now)
+            return True
+
+    def alert_rows(self, *, status: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        with self._lock:
+            rows = [r for r in self._outbox.values() if status is None or r.status == status]
+        rows.sort(key=lambda r: (r.created, r.id))
+        return rows[:limit]

@@ -75,6 +75,8 @@ from domainpolicy._stores.base import (
     batch_times,
 )
 from domainpolicy._stores.cluster import CLUSTER_SCHEMES, NOT_RUN, cluster_round, cluster_url
+from domainpolicy._stores.outbox import OutboxRow, transition_rows
+from domainpolicy._stores.redis_outbox import RedisOutbox, outbox_args, outbox_keys
 from domainpolicy._stores.redis_schema import (
     COMMIT_LUA,
     EFFECTS,
@@ -433,9 +435,10 @@ class RedisStore(StateStore):
         version: int,
         state: TenantState,
         records: Sequence[AuditRecord],
+        rows: Sequence[OutboxRow] = (),
     ) -> int | None:
-        """Write *state* and *records* if the stored version is still *version*; return the new
-        version, or None when another writer got in first."""
+        """Write *state*, *records* and the alert outbox *rows* if the stored version is still
+        *version*; return the new version, or None when another writer got in first."""
         data = state.to_dict()
         window = data.pop("window")
         st = data.pop("state")
@@ -458,14 +461,20 @@ class RedisStore(StateStore):
             args += [d, k]
         args.append(len(records))
         args += [json.dumps(r.to_dict(), separators=(",", ":")) for r in records]
+        written = [*keys.scripted, keys.audit]
+        if rows:
+            written += outbox_keys(self.prefix, tenant)[:2]
+            args += outbox_args(rows)
         try:
-            result = self._commit(keys=[*keys.scripted, keys.audit], args=args)
+            result = self._commit(keys=written, args=args)
         except ERRORS as exc:
             raise self._fail(f"write of tenant {shown(tenant)}", exc) from exc
         if not isinstance(result, int) or result == -1:
             return None
         if result == 1:
             self._register(tenant, force=True)
+        if rows:
+            self._alert_outbox().indexed([tenant])
         self._remember(tenant, result, state)
         return result
 
@@ -618,7 +627,8 @@ class RedisStore(StateStore):
             state, at, registered=registered, registrable=registrable, weight=weight
         )
         records = audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
-        if self._write(tenant, keys, version, new, records) is not None:
+        rows = transition_rows(self.alert_route, machine, new, effects.alerts, at)
+        if self._write(tenant, keys, version, new, records, rows) is not None:
             return (new, effects), False  # _write registers a tenant it creates
         return None, False
 
@@ -946,7 +956,8 @@ class RedisStore(StateStore):
                 tenant, now, action, actor, detail or {}, state.state, new.state, effects
             )
             self._register(tenant)
-            if self._write(tenant, keys, version, new, records) is not None:
+            rows = transition_rows(self.alert_route, None, new, effects.alerts, now)
+            if self._write(tenant, keys, version, new, records, rows) is not None:
                 return new, effects
             self._backoff(attempt)
         raise StoreUnavailable(
@@ -999,6 +1010,42 @@ class RedisStore(StateStore):
         except (TypeError, UnicodeDecodeError) as exc:
             raise StoreUnavailable(f"Redis store: corrupt tenant registry: {exc}") from exc
         return [m for m, here in zip(members, present, strict=True) if here]
+
+    # -- the alert outbox (see `domainpolicy._stores.redis_outbox`) ---------------------
+
+    def _alert_outbox(self) -> RedisOutbox:
+        outbox: RedisOutbox | None = getattr(self, "_outbox", None)
+        if outbox is None:
+            outbox = self._outbox = RedisOutbox(self._client, self.prefix, self._registry)
+        return outbox
+
+    def enqueue_alerts(self, rows: Sequence[OutboxRow]) -> int:
+        self._check_open()
+        return self._alert_outbox().enqueue(rows)
+
+    def claim_alerts(
+        self, sinks: Sequence[str], now: float, *, lease: float, owner: str, limit: int = 100
+    ) -> list[OutboxRow]:
+        self._check_open()
+        return self._alert_outbox().claim(sinks, now, lease, owner, limit)
+
+    def ack_alert(self, row_id: str, now: float) -> bool:
+        self._check_open()
+        return self._alert_outbox().ack(row_id, now)
+
+    def fail_alert(
+        self, row_id: str, owner: str, now: float, *, error: str, retry_at: float | None
+    ) -> bool:
+        self._check_open()
+        return self._alert_outbox().fail(row_id, owner, now, error, retry_at)
+
+    def retry_alert(self, row_id: str, now: float) -> bool:
+        self._check_open()
+        return self._alert_outbox().retry(row_id, now)
+
+    def alert_rows(self, *, status: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        self._check_open()
+        return self._alert_outbox().rows(status, limit)
 
     def close(self) -> None:
         """Close the connections of a client the store made; the store may not be used after."""

@@ -16,6 +16,10 @@ one slot and one Lua script may touch them together::
     <prefix>{<tenant>}:seq       hash: observe_many round token -> items applied (60 s TTL)
     <prefix>tenants              set: every tenant id seen (an admin index, not per slot)
 
+The alert outbox's keys (``:obrow``, ``:obst``, ``:obdone`` per tenant, two global index sets)
+are described in `domainpolicy._stores.redis_outbox`; ``COMMIT_LUA`` writes a transition's
+outbox rows in the same script as its state.
+
 ``<prefix>`` defaults to ``dp:``.  ``<tenant>`` is the tenant id percent-encoded (UTF-8; every
 byte outside ``A-Z a-z 0-9 - . _ ~ @ + = :`` becomes ``%XX``), so ``{``, ``}``, ``%`` and control
 characters never reach the key: a hostile id cannot end the hash tag early, move another tenant's
@@ -206,9 +210,9 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2]),
 """
 
 COMMIT_LUA: Final = r"""
--- KEYS: 1 state, 2 bt, 3 bu, 4 dom, 5 audit
+-- KEYS: 1 state, 2 bt, 3 bu, 4 dom, 5 audit, [6 obrow, 7 obst: with outbox rows]
 -- ARGV: 1 expected v, 2 st, 3 head, 4 T, 5 U, 6 warned ('' = none), 7 pu ('' = none), 8 doc,
---       9 nb, nb x (k, t, u), nd, nd x (d, k), na, na x record
+--       9 nb, nb x (k, t, u), nd, nd x (d, k), na, na x record, [no, no x (id, row, status)]
 local v = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0
 if v ~= tonumber(ARGV[1]) then return -1 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
@@ -234,6 +238,13 @@ local na = tonumber(ARGV[i]); i = i + 1
 for _ = 1, na do
   redis.call('RPUSH', KEYS[5], ARGV[i])
   i = i + 1
+end
+-- the alert outbox rows of this transition (see domainpolicy._stores.redis_outbox)
+local no = tonumber(ARGV[i]) or 0; i = i + 1
+for _ = 1, no do
+  redis.call('HSETNX', KEYS[6], ARGV[i], ARGV[i + 1])
+  redis.call('HSETNX', KEYS[7], ARGV[i], ARGV[i + 2])
+  i = i + 3
 end
 return v + 1
 """

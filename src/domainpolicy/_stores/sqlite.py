@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, cast
 
+import attrs
+
 from domainpolicy._blockstate import (
     BlockMachine,
     Effects,
@@ -31,6 +33,14 @@ from domainpolicy._stores.base import (
     apply_and_audit,
     batch_times,
     observe_and_audit,
+)
+from domainpolicy._stores.outbox import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    OutboxRow,
+    check_claim,
+    transition_rows,
 )
 
 __all__ = ["SQLITE_SCHEMA_VERSION", "SQLiteStore"]
@@ -54,6 +64,23 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
            )""",
         "CREATE INDEX audit_by_tenant ON audit (tenant, id)",
     ),
+)
+
+
+_OUTBOX: Final[tuple[str, ...]] = (
+    # The alert outbox.  Created if missing on open rather than by a numbered migration: a
+    # domainpolicy that does not know it ignores the table, so the schema version stays.
+    """CREATE TABLE IF NOT EXISTS alert_outbox (
+           id TEXT PRIMARY KEY,
+           tenant TEXT NOT NULL,
+           created REAL NOT NULL,
+           status TEXT NOT NULL,
+           sink TEXT NOT NULL,
+           due REAL NOT NULL,
+           lease_until REAL NOT NULL DEFAULT 0,
+           row TEXT NOT NULL
+       )""",
+    "CREATE INDEX IF NOT EXISTS alert_outbox_due ON alert_outbox (status, due)",
 )
 
 
@@ -107,6 +134,7 @@ class SQLiteStore(StateStore):
         self._closed = False
         with self._transaction() as db:
             self._migrate(db)
+            self._create_outbox(db)
 
     # -- connections ------------------------------------------------------------
 
@@ -247,6 +275,8 @@ class SQLiteStore(StateStore):
                 machine, state, now, registered=registered, registrable=registrable, weight=weight
             )
             self._write(db, tenant, version, new, now, records)
+            if effects.alerts and self.alert_route is not None:
+                self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
             return new, effects
 
     def observe_many(
@@ -274,6 +304,7 @@ class SQLiteStore(StateStore):
             with self._transaction() as db:
                 # tenant -> [version read, state, audit records of the batch]
                 working: dict[str, tuple[int, TenantState, list[AuditRecord]]] = {}
+                rows: list[OutboxRow] = []
                 last_at: dict[str, float] = {}
                 for index, ((tenant, registered, registrable, weight), at) in enumerate(
                     zip(batch, times, strict=True)
@@ -295,11 +326,17 @@ class SQLiteStore(StateStore):
                         continue
                     if records:
                         entry[2].extend(records)
+                    if effects.alerts and self.alert_route is not None:
+                        rows.extend(
+                            transition_rows(self.alert_route, machine, new, effects.alerts, at)
+                        )
                     working[tenant] = (entry[0], new, entry[2])
                     last_at[tenant] = at
                     results[index] = (new, effects)
                 for tenant, (version, state, records) in working.items():
                     self._write(db, tenant, version, state, last_at[tenant], records)
+                if rows:
+                    self._put(db, rows)
         except StoreUnavailable as exc:
             # Rolled back: what was decided before the failure is void, except the items that
             # `observe` would have refused whatever the store (malformed arguments).
@@ -322,6 +359,8 @@ class SQLiteStore(StateStore):
                 state, mutation, now, action=action, actor=actor, detail=detail
             )
             self._write(db, tenant, version, new, now, records)
+            if effects.alerts and self.alert_route is not None:
+                self._put(db, transition_rows(self.alert_route, None, new, effects.alerts, now))
             return new, effects
 
     def load(self, tenant: str) -> TenantState:
@@ -372,3 +411,152 @@ class SQLiteStore(StateStore):
                 with suppress(sqlite3.Error):
                     db.close()
             self._all.clear()
+
+    # -- the alert outbox -------------------------------------------------------------
+
+    def _create_outbox(self, db: sqlite3.Connection) -> None:
+        try:
+            for statement in _OUTBOX:
+                db.execute(statement)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot create the outbox of {self.path!r}: {exc}") from exc
+
+    def _put(self, db: sqlite3.Connection, rows: Sequence[OutboxRow]) -> int:
+        try:
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO alert_outbox "
+                "(id, tenant, created, status, sink, due, lease_until, row) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.id,
+                        r.tenant,
+                        r.created,
+                        r.status,
+                        r.sink,
+                        r.due,
+                        r.lease_until,
+                        json.dumps(r.to_dict(), separators=(",", ":")),
+                    )
+                    for r in rows
+                ],
+            )
+            return db.total_changes - before
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+
+    def _row(self, text: str) -> OutboxRow:
+        try:
+            return OutboxRow.from_dict(json.loads(text))
+        except ValueError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: corrupt outbox: {exc}") from exc
+
+    def _update(self, db: sqlite3.Connection, row: OutboxRow) -> None:
+        db.execute(
+            "UPDATE alert_outbox SET status = ?, due = ?, lease_until = ?, row = ? WHERE id = ?",
+            (
+                row.status,
+                row.due,
+                row.lease_until,
+                json.dumps(row.to_dict(), separators=(",", ":")),
+                row.id,
+            ),
+        )
+
+    def _one(self, db: sqlite3.Connection, row_id: str) -> OutboxRow | None:
+        found = db.execute("SELECT row FROM alert_outbox WHERE id = ?", (row_id,)).fetchone()
+        return None if found is None else self._row(found[0])
+
+    def enqueue_alerts(self, rows: Sequence[OutboxRow]) -> int:
+        with self._transaction() as db:
+            return self._put(db, rows)
+
+    def claim_alerts(
+        self, sinks: Sequence[str], now: float, *, lease: float, owner: str, limit: int = 100
+    ) -> list[OutboxRow]:
+        check_claim(sinks, now, lease, limit)
+        if not sinks:
+            return []
+        marks = ", ".join("?" * len(sinks))
+        claimed: list[OutboxRow] = []
+        with self._transaction() as db:
+            try:
+                found = db.execute(
+                    f"SELECT row FROM alert_outbox WHERE status = ? AND due <= ? "
+                    f"AND lease_until <= ? AND sink IN ({marks}) ORDER BY due, id LIMIT ?",
+                    (PENDING, now, now, *sinks, limit),
+                ).fetchall()
+                for (text,) in found:
+                    old = self._row(text)
+                    row = attrs.evolve(
+                        old, attempts=old.attempts + 1, lease_until=now + lease, owner=owner
+                    )
+                    self._update(db, row)
+                    claimed.append(row)
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return claimed
+
+    def ack_alert(self, row_id: str, now: float) -> bool:
+        with self._transaction() as db:
+            try:
+                row = self._one(db, row_id)
+                if row is None or row.status != PENDING:
+                    return False
+                self._update(
+                    db, attrs.evolve(row, status=DELIVERED, lease_until=0.0, owner=None, due=now)
+                )
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return True
+
+    def fail_alert(
+        self, row_id: str, owner: str, now: float, *, error: str, retry_at: float | None
+    ) -> bool:
+        with self._transaction() as db:
+            try:
+                row = self._one(db, row_id)
+                if row is None or row.status != PENDING or row.owner != owner:
+                    return False
+                self._update(
+                    db,
+                    attrs.evolve(
+                        row,
+                        status=DEAD if retry_at is None else PENDING,
+                        due=now if retry_at is None else retry_at,
+                        last_error=error,
+                        lease_until=0.0,
+                        owner=None,
+                    ),
+                )
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return True
+
+    def retry_alert(self, row_id: str, now: float) -> bool:
+        with self._transaction() as db:
+            try:
+                row = self._one(db, row_id)
+                if row is None or row.status != DEAD:
+                    return False
+                self._update(db, attrs.evolve(row, status=PENDING, attempts=0, due=now))
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return True
+
+    def alert_rows(self, *, status: str | None = None, limit: int = 100) -> list[OutboxRow]:
+        db = self._connection()
+        try:
+            if status is None:
+                found = db.execute(
+                    "SELECT row FROM alert_outbox ORDER BY created, id LIMIT ?", (int(limit),)
+                ).fetchall()
+            else:
+                found = db.execute(
+                    "SELECT row FROM alert_outbox WHERE status = ? ORDER BY created, id LIMIT ?",
+                    (status, int(limit)),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return [self._row(text) for (text,) in found]
