@@ -1,0 +1,126 @@
+"""The fault scenarios: each starts what it needs on loopback (or in a tmpfs), runs the workload
+of `fault_workload`, injects its faults on a schedule and returns the checker's `Report`.
+
+The quick tests (``tests/faults``) call them with short runs; ``benchmarks/faults.py`` calls
+them with long ones and prints the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from fault_history import Fault, Report, check, read_final
+from fault_proxy import FaultProxy
+from fault_workload import LIMIT, Workload, join_processes, run_processes
+
+from domainpolicy import open_store
+from redis_support import RedisServer
+
+__all__ = ["redis_proxy", "sqlite_clock_skew", "sqlite_disk_full", "tmpfs"]
+
+Schedule = Sequence[tuple[float, str, float]]
+"""Faults: ``(seconds after the workload starts, proxy mode, seconds in force)``."""
+
+
+def _sleep_until(at: float) -> None:
+    time.sleep(max(0.0, at - time.time()))
+
+
+def redis_proxy(directory: Path, workload: Workload, schedule: Schedule) -> Report:
+    """The workload against one real redis-server through a `FaultProxy` that delays, drops or
+    cuts on *schedule*; the final state is read from the server directly."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        with FaultProxy(server.port) as proxy:
+            start = run_processes(proxy.url, workload, directory)
+            faults = []
+            try:
+                for offset, mode, seconds in schedule:
+                    _sleep_until(start + offset)
+                    began = time.time()
+                    proxy.set_mode(mode)
+                    if mode == "cut" and seconds == 0:
+                        proxy.set_mode("pass")
+                    else:
+                        time.sleep(seconds)
+                        proxy.set_mode("pass")
+                    faults.append(Fault(mode, began, time.time()))
+            finally:
+                proxy.set_mode("pass")
+                ops = join_processes(workload, directory)
+        with open_store(server.url) as store:
+            final = read_final(store, workload.tenants)
+    finally:
+        server.stop()
+    return check(ops, final, limit=LIMIT, faults=faults)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted at *mount_point* (needs root), unmounted at exit."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to *path* until the filesystem is full, to the last byte."""
+    with path.open("wb", buffering=0) as filler:
+        for size in (65536, 4096, 512, 1):
+            chunk = b"\0" * size
+            try:
+                while True:
+                    filler.write(chunk)
+            except OSError:
+                continue
+
+
+def sqlite_disk_full(directory: Path, workload: Workload, full_at: float, seconds: float) -> Report:
+    """The workload against SQLite in a small tmpfs that is filled at *full_at* (seconds from
+    the workload's start; negative: once every process has opened the store, before it decides)
+    for *seconds*, then freed.  A write that needs the files to grow then fails with
+    ``database or disk is full``; one that reuses pages (a WAL past its first checkpoint)
+    does not need space and succeeds."""
+    with tmpfs(directory / "mnt", "8m") as mount:
+        url = f"sqlite:{mount / 'state.db'}"
+        with open_store(url):
+            pass  # create the schema before the workload starts
+        start = run_processes(url, workload, directory, lead=3.0)
+        faults = []
+        try:
+            _sleep_until(start + full_at)
+            began = time.time()
+            _fill(mount / "filler")
+            time.sleep(seconds)
+            (mount / "filler").unlink()
+            faults.append(Fault("disk_full", began, time.time()))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (mount / "filler").unlink()
+            ops = join_processes(workload, directory)
+        with open_store(url) as store:
+            final = read_final(store, workload.tenants)
+    return check(ops, final, limit=LIMIT, faults=faults)
+
+
+def sqlite_clock_skew(directory: Path, workload: Workload) -> Report:
+    """The workload against one SQLite file from processes whose policy clocks differ by
+    ``workload.skews``."""
+    url = f"sqlite:{directory / 'state.db'}"
+    run_processes(url, workload, directory)
+    ops = join_processes(workload, directory)
+    with open_store(url) as store:
+        final = read_final(store, workload.tenants)
+    return check(ops, final, limit=LIMIT)
