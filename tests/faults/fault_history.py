@@ -20,8 +20,8 @@ shared by every process; a skewed *policy* clock does not change these times).
   ``accepts_after_block``: accepts of unregistered mail that started after a refusal for the
   block had been acknowledged;
 * ``failure_accepts``: accepts the store did not count (a store failure turned into an accept);
-* per fault window: decisions, 4xx, and the time from the fault's end to the last tempfail
-  caused by it (recovery).
+* per fault window (from its start to the next fault's start): decisions, 4xx, how long the
+  fault was in force, and the time from the fault's end to the last tempfail (recovery).
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class FaultReport:
     name: str
     decisions: int = 0
     tempfails: int = 0
+    fault_seconds: float = 0.0
     recovery_seconds: float = 0.0
 
 
@@ -258,6 +259,7 @@ def check(
                 fault.name,
                 decisions=len(inside),
                 tempfails=len(failed),
+                fault_seconds=round(fault.end - fault.start, 3),
                 recovery_seconds=round(max(0.0, last - fault.end), 3),
             )
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +64,9 @@ class Workload:
         return [f"hot{i}" for i in range(self.hot)] + [f"cool{i}" for i in range(self.cool)]
 
 
-def run_worker(
-    url: str, workload: Workload, process: int, out: Path, start_at: float, skew: float
-) -> None:
-    """Decide messages until ``start_at + workload.seconds``; write the ops to *out*."""
+def run_worker(url: str, workload: Workload, process: int, directory: Path, skew: float) -> None:
+    """Open the store, say so (``ready-N``), wait for the ``go`` file, then decide messages for
+    ``workload.seconds``; write the ops to ``ops-N.jsonl``."""
     logging.getLogger("domainpolicy").setLevel(logging.CRITICAL)  # tempfails are recorded
     tenants = workload.tenants
     matcher = DomainMatcher.compile([AcceptedDomain(f"{t}.example", t) for t in tenants])
@@ -83,9 +82,10 @@ def run_worker(
     policy = RelayPolicy(matcher, connectors, POLICY, store, clock=clock)
     ops: list[Op] = []
     sent_unregistered = dict.fromkeys(tenants, 0)
-    while time.time() < start_at:
+    (directory / f"ready-{process}").touch()
+    while not (directory / "go").exists():
         time.sleep(0.001)
-    deadline = start_at + workload.seconds
+    deadline = time.time() + workload.seconds
     index = 0
     try:
         while time.time() < deadline:
@@ -118,27 +118,40 @@ def run_worker(
                 time.sleep(workload.interval)
     finally:
         store.close()
-        write_ops(out, ops)
+        write_ops(directory / f"ops-{process}.jsonl", ops)
 
 
-def run_processes(url: str, workload: Workload, directory: Path, *, lead: float = 1.5) -> float:
-    """Start the workload's processes (spawned) and return the wall-clock time they all begin
-    deciding at (*lead* seconds from now, so that every process is up by then).  Join them
-    with `join_processes`."""
+def run_processes(
+    url: str, workload: Workload, directory: Path, *, before: Callable[[], None] | None = None
+) -> float:
+    """Start the workload's processes (spawned), wait until each has opened the store, call
+    *before* (a fault to inject before the first decision), let them go and return the time
+    they were let go.  Join them with `join_processes`.
+
+    Raises:
+        RuntimeError: a process did not open the store within a minute.
+    """
     context = multiprocessing.get_context("spawn")
-    start_at = time.time() + lead
     skews = list(workload.skews) or [0.0] * workload.processes
     processes = [
-        context.Process(
-            target=run_worker,
-            args=(url, workload, index, directory / f"ops-{index}.jsonl", start_at, skews[index]),
-        )
+        context.Process(target=run_worker, args=(url, workload, index, directory, skews[index]))
         for index in range(workload.processes)
     ]
     for process in processes:
         process.start()
     _running.extend(processes)
-    return start_at
+    deadline = time.monotonic() + 60
+    ready = [directory / f"ready-{index}" for index in range(workload.processes)]
+    while not all(path.exists() for path in ready):
+        if time.monotonic() > deadline or any(p.exitcode is not None for p in processes):
+            (directory / "go").touch()
+            raise RuntimeError("a workload process did not open the store")
+        time.sleep(0.01)
+    if before is not None:
+        before()
+    start = time.time()
+    (directory / "go").touch()
+    return start
 
 
 _running: list[multiprocessing.process.BaseProcess] = []
