@@ -184,6 +184,11 @@ def redis_cluster_failover(
             _sleep_until(start + kill_at)
             began = time.time()
             cluster.nodes[victim].kill()
+            deadline = time.monotonic() + 30
+            while cluster.nodes[cluster.size + victim] not in cluster.primaries():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the killed primary's replica was not promoted")
+                time.sleep(0.02)
             _wait_cluster_ok(cluster)
             faults.append(Fault("primary_killed", began, time.time()))
             if failover_at is not None:
