@@ -8,8 +8,10 @@ them with long ones and prints the figures.
 from __future__ import annotations
 
 import contextlib
+import gc
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -211,4 +213,10 @@ def redis_cluster_failover(
             final = read_final(store, workload.tenants)
     finally:
         cluster.stop()
+        # Known issue: after the fail-over a socket to a cluster node is sometimes left for the
+        # garbage collector (not found in the suite's own code; suspected in redis-py's cluster
+        # client).  Collect it here, quietly, rather than at the end of the session.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
     return check(ops, final, limit=LIMIT, faults=faults)
