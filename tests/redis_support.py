@@ -90,12 +90,22 @@ class RedisServer:
         persistent: append-only file with ``appendfsync always``; otherwise no persistence.
         cluster: cluster mode (``nodes-PORT.conf`` in *directory*); `RedisCluster` assigns the
             slots and joins the nodes.
+        node_timeout: ``cluster-node-timeout`` in milliseconds (cluster mode): how long a
+            primary may be unreachable before its replica is promoted.
     """
 
-    def __init__(self, directory: Path, *, persistent: bool = False, cluster: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        persistent: bool = False,
+        cluster: bool = False,
+        node_timeout: int = 5000,
+    ) -> None:
         self.directory = directory
         self.persistent = persistent
         self.cluster = cluster
+        self.node_timeout = node_timeout
         self.port = _free_cluster_port() if cluster else _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -124,7 +134,7 @@ class RedisServer:
             persistence += [
                 "--cluster-enabled", "yes",
                 "--cluster-config-file", str(self.directory / f"nodes-{self.port}.conf"),
-                "--cluster-node-timeout", "5000",
+                "--cluster-node-timeout", str(self.node_timeout),
             ]  # fmt: skip
         command = [
             redis_binary(),
@@ -163,6 +173,18 @@ class RedisServer:
         if process is None:
             return
         process.terminate()
+        self._reap(process)
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL: no AOF rewrite, no goodbye to its cluster)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.kill()
+        self._reap(process)
+
+    @staticmethod
+    def _reap(process: subprocess.Popen[bytes]) -> None:
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
@@ -227,21 +249,27 @@ def _cluster(client: redis.Redis, *args: object) -> Any:
 
 
 class RedisCluster:
-    """A Redis Cluster of *size* ``redis-server`` primaries (no replicas) on free loopback ports,
-    each in its own directory under *directory*; the slots are split evenly between them.
+    """A Redis Cluster of *size* ``redis-server`` primaries on free loopback ports, each in its
+    own directory under *directory*; the slots are split evenly between them.  With
+    *replicas*, each primary gets that many replicas (``CLUSTER REPLICATE``), and `start`
+    returns once every replica's link to its primary is up; *node_timeout* is every node's
+    ``cluster-node-timeout`` (milliseconds).
 
     The cluster is made with redis-py (``CLUSTER ADDSLOTS``, ``CLUSTER SET-CONFIG-EPOCH``,
     ``CLUSTER MEET``) rather than ``redis-cli --cluster create``, which sleeps a second per
     check; `start` returns once every node says ``cluster_state:ok``.
     """
 
-    def __init__(self, directory: Path, *, size: int = 3) -> None:
+    def __init__(
+        self, directory: Path, *, size: int = 3, replicas: int = 0, node_timeout: int = 5000
+    ) -> None:
         self.directory = directory
+        self.size = size
         self.nodes: list[RedisServer] = []
-        for index in range(size):
+        for index in range(size * (1 + replicas)):
             node_directory = directory / f"node{index}"
             node_directory.mkdir(parents=True, exist_ok=True)
-            self.nodes.append(RedisServer(node_directory, cluster=True))
+            self.nodes.append(RedisServer(node_directory, cluster=True, node_timeout=node_timeout))
 
     @property
     def url(self) -> str:
@@ -258,16 +286,19 @@ class RedisCluster:
         try:
             for node in self.nodes:
                 node.start()
-            size = len(self.nodes)
+            size = self.size
             clients = [node.client() for node in self.nodes]
             try:
-                for index, client in enumerate(clients):
+                for index, client in enumerate(clients[:size]):
                     first, last = index * _SLOTS // size, (index + 1) * _SLOTS // size
                     _cluster(client, "ADDSLOTS", *range(first, last))
+                for index, client in enumerate(clients):
                     _cluster(client, "SET-CONFIG-EPOCH", index + 1)
                 for node in self.nodes[1:]:
                     _cluster(clients[0], "MEET", "127.0.0.1", node.port)
                 self._wait_until_ok(clients)
+                if len(clients) > size:
+                    self._replicate(clients)
             finally:
                 for client in clients:
                     client.close()
@@ -296,9 +327,48 @@ class RedisCluster:
                 raise RuntimeError(f"Redis Cluster did not come up: {infos}")
             time.sleep(0.02)
 
+    def _replicate(self, clients: list[redis.Redis]) -> None:
+        """Make node ``size + k`` a replica of primary ``k % size``; wait until every link is up."""
+        ids = [_cluster(client, "MYID").decode() for client in clients[: self.size]]
+        for index, client in enumerate(clients[self.size :]):
+            deadline = time.monotonic() + _START_TIMEOUT
+            while True:  # the replica must have learnt the primary's id from the gossip first
+                try:
+                    _cluster(client, "REPLICATE", ids[index % self.size])
+                    break
+                except redis.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        deadline = time.monotonic() + _START_TIMEOUT
+        while not all(
+            client.info("replication").get("master_link_status") == "up"
+            for client in clients[self.size :]
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("Redis Cluster replicas did not sync")
+            time.sleep(0.05)
+        self._wait_until_ok(clients)
+
+    def primaries(self) -> list[RedisServer]:
+        """The nodes that are primaries now (after fail-overs), by ``ROLE``; unreachable nodes
+        are left out."""
+        found = []
+        for node in self.nodes:
+            if node._process is None:
+                continue
+            with node.client() as client:
+                try:
+                    role: Any = client.execute_command("ROLE")  # untyped
+                except redis.ConnectionError:
+                    continue
+            if role[0] in (b"master", "master"):
+                found.append(node)
+        return found
+
     def flush(self) -> None:
         """``FLUSHALL`` on every primary."""
-        for node in self.nodes:
+        for node in self.nodes[: self.size]:
             with node.client() as client:
                 client.flushall()
 

@@ -1,0 +1,102 @@
+"""The long form of the fault suite: every scenario of ``tests/faults`` with longer runs,
+repeated, printing the checker's figures as JSON lines (one per run) and a summary.
+
+    PYTHONPATH=src python benchmarks/faults.py                 # every scenario, 3 runs each
+    PYTHONPATH=src python benchmarks/faults.py --runs 10 --seconds 20 --only cluster
+
+Needs root (the SQLite disk-full scenario mounts a tmpfs) and ``redis-server``; everything
+listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+_TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(_TESTS), str(_TESTS / "faults")]
+
+from fault_history import Report  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from fault_scenarios import (  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+    redis_cluster_failover,
+    redis_proxy,
+    sqlite_clock_skew,
+    sqlite_disk_full,
+)
+from fault_workload import Workload  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+
+
+def scenarios(seconds: float) -> dict[str, Callable[[Path], Report]]:
+    """Every scenario, for runs of about *seconds* each."""
+    base = Workload(hot=3, cool=3, processes=4, seconds=seconds)
+    step = seconds / 8
+    proxy_schedule = [
+        (step * 1, "cut", 0.0),
+        (step * 2, "drop", step),
+        (step * 4, "delay", step),
+        (step * 6, "cut", step / 2),
+    ]
+    return {
+        "proxy": lambda d: redis_proxy(d, base, proxy_schedule),
+        "disk_full": lambda d: sqlite_disk_full(d, base, full_at=-1.0, seconds=seconds / 3),
+        "skew_30s": lambda d: sqlite_clock_skew(
+            d, Workload(hot=3, cool=3, processes=2, seconds=seconds, skews=(0.0, 30.0))
+        ),
+        "skew_2h": lambda d: sqlite_clock_skew(
+            d, Workload(hot=3, cool=3, processes=2, seconds=seconds, skews=(0.0, 7200.0))
+        ),
+        "cluster": lambda d: redis_cluster_failover(
+            d, base, kill_at=seconds / 6, failover_at=seconds * 2 / 3
+        ),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--only", action="append", help="scenario name (repeatable)")
+    args = parser.parse_args()
+    chosen = scenarios(args.seconds)
+    names = args.only or list(chosen)
+    summary: dict[str, dict[str, float]] = {}
+    for name in names:
+        for run in range(args.runs):
+            directory = Path(tempfile.mkdtemp(prefix=f"domainpolicy-faults-{name}-"))
+            began = time.monotonic()
+            try:
+                report = chosen[name](directory)
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            figures = report.to_dict()
+            figures["violations"] = report.violations()
+            figures["wall_seconds"] = round(time.monotonic() - began, 1)
+            print(json.dumps({"scenario": name, "run": run, **figures}), flush=True)
+            total = summary.setdefault(name, {})
+            for key in (
+                "decisions",
+                "tempfails_4xx",
+                "failure_accepts",
+                "lost",
+                "doubled",
+                "indeterminate_counted",
+                "accepts_over_limit",
+            ):
+                total[key] = total.get(key, 0) + figures[key]
+            total["block_mismatch"] = total.get("block_mismatch", 0) + abs(
+                figures["blocks"] - figures["expected_blocks"]
+            )
+            recovery = max((f["recovery_seconds"] for f in figures["faults"]), default=0.0)
+            total["max_recovery_seconds"] = max(total.get("max_recovery_seconds", 0.0), recovery)
+    print(json.dumps({"summary": summary, "runs": args.runs, "seconds": args.seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

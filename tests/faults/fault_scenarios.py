@@ -1,0 +1,222 @@
+"""The fault scenarios: each starts what it needs on loopback (or in a tmpfs), runs the workload
+of `fault_workload`, injects its faults on a schedule and returns the checker's `Report`.
+
+The quick tests (``tests/faults``) call them with short runs; ``benchmarks/faults.py`` calls
+them with long ones and prints the figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import subprocess
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from fault_history import Fault, Report, check, read_final
+from fault_proxy import FaultProxy
+from fault_workload import LIMIT, Workload, join_processes, run_processes
+from redis.crc import key_slot
+
+from domainpolicy import open_store
+from redis_support import RedisCluster, RedisServer
+
+__all__ = [
+    "redis_cluster_failover",
+    "redis_proxy",
+    "sqlite_clock_skew",
+    "sqlite_disk_full",
+    "tmpfs",
+]
+
+Schedule = Sequence[tuple[float, str, float]]
+"""Faults: ``(seconds after the workload starts, proxy mode, seconds in force)``."""
+
+
+def _sleep_until(at: float) -> None:
+    time.sleep(max(0.0, at - time.time()))
+
+
+def redis_proxy(directory: Path, workload: Workload, schedule: Schedule) -> Report:
+    """The workload against one real redis-server through a `FaultProxy` that delays, drops or
+    cuts on *schedule*; the final state is read from the server directly."""
+    server = RedisServer(directory)
+    server.start()
+    try:
+        with FaultProxy(server.port) as proxy:
+            start = run_processes(proxy.url, workload, directory)
+            faults = []
+            try:
+                for offset, mode, seconds in schedule:
+                    _sleep_until(start + offset)
+                    began = time.time()
+                    proxy.set_mode(mode)
+                    if mode == "cut" and seconds == 0:
+                        proxy.set_mode("pass")
+                    else:
+                        time.sleep(seconds)
+                        proxy.set_mode("pass")
+                    faults.append(Fault(mode, began, time.time()))
+            finally:
+                proxy.set_mode("pass")
+                ops = join_processes(workload, directory)
+        with open_store(server.url) as store:
+            final = read_final(store, workload.tenants)
+    finally:
+        server.stop()
+    return check(ops, final, limit=LIMIT, faults=faults)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of *size* mounted at *mount_point* (needs root), unmounted at exit."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, capture_output=True)
+
+
+def _fill(path: Path) -> None:
+    """Write zeros to *path* until the filesystem is full, to the last byte."""
+    with path.open("wb", buffering=0) as filler:
+        for size in (65536, 4096, 512, 1):
+            chunk = b"\0" * size
+            try:
+                while True:
+                    filler.write(chunk)
+            except OSError:
+                continue
+
+
+def sqlite_disk_full(directory: Path, workload: Workload, full_at: float, seconds: float) -> Report:
+    """The workload against SQLite in a small tmpfs that is filled at *full_at* (seconds from
+    the workload's start; negative: once every process has opened the store, before the first
+    decision) until *seconds* after the start (or after *full_at*), then freed.  A write that
+    needs the files to grow then fails with ``database or disk is full``; one that reuses pages
+    (a WAL past its first checkpoint) does not need space and succeeds."""
+    with tmpfs(directory / "mnt", "8m") as mount:
+        url = f"sqlite:{mount / 'state.db'}"
+        with open_store(url):
+            pass  # create the schema before the workload starts
+        faults = []
+        began = 0.0
+
+        def fill() -> None:
+            nonlocal began
+            began = time.time()
+            _fill(mount / "filler")
+
+        if full_at < 0:
+            start = run_processes(url, workload, directory, before=fill)
+        else:
+            start = run_processes(url, workload, directory)
+        try:
+            if full_at >= 0:
+                _sleep_until(start + full_at)
+                fill()
+            _sleep_until(start + max(full_at, 0) + seconds)
+            (mount / "filler").unlink()
+            faults.append(Fault("disk_full", began, time.time()))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                (mount / "filler").unlink()
+            ops = join_processes(workload, directory)
+        with open_store(url) as store:
+            final = read_final(store, workload.tenants)
+    return check(ops, final, limit=LIMIT, faults=faults)
+
+
+def sqlite_clock_skew(directory: Path, workload: Workload) -> Report:
+    """The workload against one SQLite file from processes whose policy clocks differ by
+    ``workload.skews``."""
+    url = f"sqlite:{directory / 'state.db'}"
+    run_processes(url, workload, directory)
+    ops = join_processes(workload, directory)
+    with open_store(url) as store:
+        final = read_final(store, workload.tenants)
+    return check(ops, final, limit=LIMIT)
+
+
+def _slot_owner(cluster: RedisCluster, tenant: str) -> int:
+    """The index in ``cluster.nodes`` of the original primary of *tenant*'s slot."""
+    slot = key_slot(f"{{{tenant}}}:state".encode())
+    return slot * cluster.size // 16384
+
+
+def _wait_cluster_ok(cluster: RedisCluster, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for node in cluster.nodes:
+            if node._process is None:
+                continue
+            with node.client() as client:
+                info: Any = client.execute_command("CLUSTER", "INFO")  # untyped
+            states.append(b"cluster_state:ok" in info)
+        if all(states):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("Redis Cluster did not come back to cluster_state:ok")
+
+
+def redis_cluster_failover(
+    directory: Path, workload: Workload, *, kill_at: float, failover_at: float | None
+) -> Report:
+    """The workload against a Redis Cluster of 3 primaries + 3 replicas (cluster-node-timeout
+    1 s): at *kill_at* the primary holding ``hot0`` is killed (SIGKILL) and its replica is
+    promoted by the cluster; at *failover_at* a manual ``CLUSTER FAILOVER`` (safe: the replica
+    catches up first) promotes the replica of another primary.  The final state is read through
+    the cluster once it is ``ok`` again."""
+    cluster = RedisCluster(directory / "cluster", size=3, replicas=1, node_timeout=1000)
+    cluster.start()
+    try:
+        start = run_processes(cluster.url, workload, directory)
+        faults = []
+        try:
+            victim = _slot_owner(cluster, "hot0")
+            _sleep_until(start + kill_at)
+            began = time.time()
+            cluster.nodes[victim].kill()
+            deadline = time.monotonic() + 30
+            while cluster.nodes[cluster.size + victim] not in cluster.primaries():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the killed primary's replica was not promoted")
+                time.sleep(0.02)
+            _wait_cluster_ok(cluster)
+            faults.append(Fault("primary_killed", began, time.time()))
+            if failover_at is not None:
+                other = (victim + 1) % cluster.size
+                _sleep_until(start + failover_at)
+                began = time.time()
+                with cluster.nodes[cluster.size + other].client() as replica:
+                    replica.execute_command("CLUSTER", "FAILOVER")
+                deadline = time.monotonic() + 30
+                while cluster.nodes[cluster.size + other] not in cluster.primaries():
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("manual CLUSTER FAILOVER did not complete")
+                    time.sleep(0.02)
+                _wait_cluster_ok(cluster)
+                faults.append(Fault("manual_failover", began, time.time()))
+        finally:
+            ops = join_processes(workload, directory)
+        live = ",".join(f"127.0.0.1:{n.port}" for n in cluster.nodes if n._process is not None)
+        with open_store(f"redis+cluster://{live}/0") as store:
+            final = read_final(store, workload.tenants)
+    finally:
+        cluster.stop()
+        # Known issue: after the fail-over a socket to a cluster node is sometimes left for the
+        # garbage collector (not found in the suite's own code; suspected in redis-py's cluster
+        # client).  Collect it here, quietly, rather than at the end of the session.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+    return check(ops, final, limit=LIMIT, faults=faults)
