@@ -228,6 +228,26 @@ class TenantStatus:
 
 _HOT_CACHE_SIZE: Final = 65536
 
+
+def _canonical_entry_name(domain: object) -> str:
+    """The canonical spelling of an accepted-domain entry's name (as `DomainMatcher.domains_of`
+    spells it): the normalised domain, ``*.`` + the normalised base for a wildcard.
+
+    Raises:
+        InvalidConfiguration: *domain* is not a valid domain (or wildcard) name.
+    """
+    if not isinstance(domain, str):
+        raise InvalidConfiguration([f"domain {shown(domain)} must be a str"])
+    wildcard = domain.startswith("*.")
+    try:
+        key = normalize_domain(domain[2:] if wildcard else domain)
+    except DomainPolicyError as exc:
+        raise InvalidConfiguration(
+            [f"domain {shown(domain)} is not a valid domain: {exc}"]
+        ) from exc
+    return f"*.{key}" if wildcard else key
+
+
 _Pending = tuple[str, NormalizedDomain, bool, str | None, int]
 """An observation still to count: ``(tenant, sender domain, registered, registrable, weight)``."""
 
@@ -690,20 +710,27 @@ class RelayPolicy:
     def remove_domain(self, tenant: str, domain: str, *, by: str) -> TenantState:
         """Remove an accepted domain from the live matcher and record it.
 
+        *domain* may be spelled in any way `normalize_domain` accepts (``Partner.Example.``,
+        ``bücher.example`` or its A-label): it is normalised before it is looked up.
+
         Raises:
-            InvalidConfiguration: the domain is not one of the tenant's configured entries.
+            InvalidConfiguration: the domain is invalid or not one of the tenant's entries.
             InvalidTransition: the state machine refuses the event.
             StoreUnavailable: the store failed.
         """
+        canonical = _canonical_entry_name(domain)
         with self._lock:
-            entries = [e for e in self._matcher.domains_of(tenant) if e.domain == domain]
+            entries = [e for e in self._matcher.domains_of(tenant) if e.domain == canonical]
             if not entries:
                 # Registered earlier through the checklist only (e.g. by another process, the
                 # CLI) but not in this process's configuration: record the removal all the same.
                 block = self.store.load(tenant).block
-                if block is None or normalize_domain(domain) not in block.registered:
+                if block is None or canonical not in block.registered:
                     raise InvalidConfiguration(
-                        [f"domain {domain!r} is not an accepted domain of tenant {tenant!r}"]
+                        [
+                            f"domain {shown(domain)} is not an accepted domain of tenant "
+                            f"{shown(tenant)}"
+                        ]
                     )
                 return self._apply(
                     tenant,
