@@ -15,6 +15,7 @@ from domainpolicy._blockstate import (
     InvalidEvent,
     TenantState,
 )
+from domainpolicy._registry import RegistryRecord
 from domainpolicy._stores.base import (
     AuditRecord,
     Mutation,
@@ -25,12 +26,14 @@ from domainpolicy._stores.base import (
     audit_records,
     batch_times,
 )
+from domainpolicy._stores.registry_base import RegistryStore
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore(StateStore):
-    """State in this process's memory: for tests and single-process embedding.
+class MemoryStore(RegistryStore, StateStore):
+    """State (and the tenant registry) in this process's memory: for tests and single-process
+    embedding.
 
     Thread-safe (one lock); lost when the process exits.
     """
@@ -41,6 +44,8 @@ class MemoryStore(StateStore):
         self._lock = threading.Lock()
         self._states: dict[str, TenantState] = {}
         self._audit: dict[str, list[AuditRecord]] = {}
+        self._registry_log: list[RegistryRecord] = []
+        self._registry_init()
 
     def observe(
         self,
@@ -142,3 +147,19 @@ class MemoryStore(StateStore):
     def tenants(self) -> list[str]:
         with self._lock:
             return sorted(self._states)
+
+    # -- registry ---------------------------------------------------------------
+
+    def _registry_version(self) -> int:
+        return len(self._registry_log)
+
+    def _registry_records(self, since: int) -> list[RegistryRecord]:
+        with self._lock:
+            return self._registry_log[max(since, 0) :]
+
+    def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
+        with self._lock:
+            if len(self._registry_log) != expected:
+                return False
+            self._registry_log.append(record)
+            return True
