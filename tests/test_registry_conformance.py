@@ -27,7 +27,7 @@ from domainpolicy._registry import RegistryChange, RegistryRecord
 from domainpolicy._stores.registry_base import RegistryStore
 from store_support import STORE_KINDS
 
-REGISTRY_KINDS = ["memory", "sqlite"]
+REGISTRY_KINDS = ["memory", "sqlite", "redis", "redis-cluster"]
 SHARED_KINDS = [k for k in REGISTRY_KINDS if STORE_KINDS[k][1]]
 NOW = 1_800_000_000.0
 
