@@ -467,7 +467,9 @@ class RegistryView:
     ) -> list[RegistryChange]:
         """The changes that make this registry hold *domains* and *connectors*: additions of
         what is missing or different, and with *replace* removals of what is not listed (of
-        every tenant), removals first.
+        every tenant), removals first.  Without *replace* a domain listed for another tenant
+        than its current one is only added (which the rules refuse: it is claimed); with
+        *replace* it moves.
 
         Raises:
             InvalidConfiguration: a domain is not a valid name.
@@ -483,7 +485,11 @@ class RegistryView:
             if target is None:
                 if replace:
                     removals.append(RegistryChange.remove_domain(entry))
-            elif attrs.evolve(target, domain=name) != entry:
+            elif attrs.evolve(target, domain=name) != entry and (
+                replace or target.tenant == entry.tenant
+            ):
+                # Changed flags; or, only with replace, another tenant (without replace, the
+                # addition alone is refused: the domain is claimed by its current tenant).
                 removals.append(RegistryChange.remove_domain(entry))
         for name, entry in wanted.items():
             if current.get(name) != attrs.evolve(entry, domain=name):

@@ -4,6 +4,7 @@ this package.
 * `common`: exit codes, the one-line-error parser, ``--json`` output, the progress bar;
 * `names`: ``normalize``, ``check``;
 * `admin`: ``compile``, ``tenant ...``, ``ndr``;
+* `registry`: ``registry import|export|history`` (the store's tenant registry);
 * `replay`: ``replay``;
 * `serve`: ``serve`` (the Postfix policy server).
 
@@ -40,9 +41,15 @@ __all__ = [
 
 def commands() -> dict[str, Command]:
     """Every command, in the order ``domainpolicy --help`` lists them."""
-    from . import admin, names, replay, serve
+    from . import admin, names, registry, replay, serve
 
-    return {**names.COMMANDS, **replay.COMMANDS, **admin.COMMANDS, **serve.COMMANDS}
+    return {
+        **names.COMMANDS,
+        **replay.COMMANDS,
+        **admin.COMMANDS,
+        **registry.COMMANDS,
+        **serve.COMMANDS,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:

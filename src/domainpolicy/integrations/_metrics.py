@@ -136,6 +136,9 @@ class PolicyMetrics:
         self.reload_failures = 0
         self._bucket_counts = [0] * (len(self.buckets) + 1)
         self.latency_sum = 0.0
+        # The tenant registry the decisions follow: () -> (version, stale seconds); None when
+        # the policy follows no registry (then the two gauges are not exported).
+        self.registry: Callable[[], tuple[int | None, float]] | None = None
 
     def observe(self, action: str, seconds: float) -> None:
         """Count one answered request with its *action* text and handling latency."""
@@ -221,6 +224,22 @@ class PolicyMetrics:
             "Connections closed at once because the connection limit was reached.",
             self.connections_refused,
         )
+        if self.registry is not None:
+            version, stale = self.registry()
+            if version is not None:
+                scalar(
+                    "registry_version",
+                    "gauge",
+                    "Version of the tenant registry decisions are made with.",
+                    version,
+                )
+                scalar(
+                    "registry_stale_seconds",
+                    "gauge",
+                    "Seconds the tenant registry has not been refreshed because the store "
+                    "failed (0: fresh).",
+                    stale,
+                )
         scalar("reloads_total", "counter", "Successful reloads.", self.reloads)
         scalar("reload_failures_total", "counter", "Failed reloads.", self.reload_failures)
         lines.append(f"# HELP {p}_request_duration_seconds Time to answer a request.")
