@@ -81,7 +81,7 @@ def _record_connectors(
             store.apply(
                 connector.tenant,
                 event,
-                now,
+                when,  # the audit record says when the connector was created
                 action="create_connector",
                 actor=actor,
                 detail={"connector": connector.name, "registry": True},
@@ -168,7 +168,7 @@ def policy_from_config(
             breaks a rule.
         StoreUnavailable: the store failed.
     """
-    seed_registry(config, store, now=store.now())
+    seed_registry(config, store, now=(clock or store.now)())
     return RelayPolicy.from_registry(
         store,
         poll_interval=poll_interval,

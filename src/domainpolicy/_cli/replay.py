@@ -17,8 +17,11 @@ of one instant (the same ``at``; logs usually have one-second resolution) are de
 with `RelayPolicy.evaluate_many`, up to `MAX_BATCH` at a time: one store transaction or round trip
 for all of them, and exactly the decisions of deciding them one by one.  A skipped (malformed)
 line changes nothing, not even the clock.  The state lives in a
-fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
-exact SMTP reply; the run ends with every tenant's state and audit trail.
+fresh SQLite database in a new temporary directory unless ``--store`` names one; its URL is
+printed on stderr at the end, so that ``tenant status --store URL`` shows the same final state
+(the replay works on the store's tenant registry, seeded from ``--config`` when empty).  Each
+decision is printed with the exact SMTP reply; the run ends with every tenant's state and audit
+trail.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from domainpolicy._config import load_config
 from domainpolicy._connectors import InboundConnector
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
+from domainpolicy._registry_io import policy_from_config
 from domainpolicy._stores import SQLiteStore, StateStore, open_store
 
 from .common import EXIT_INVALID, EXIT_OK, Command, Progress, add_progress_option
@@ -287,17 +291,27 @@ def _configure(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, out: TextIO) -> int:
     config = load_config(args.config)
     clock = [0.0]
-    with tempfile.TemporaryDirectory(prefix="domainpolicy-replay-") as scratch:
-        store: StateStore = (
-            open_store(args.store)
-            if args.store
-            else SQLiteStore(os.path.join(scratch, "state.sqlite3"), synchronous="NORMAL")
-        )
-        try:
-            policy = config.build_policy(store=store, clock=lambda: clock[0])
-            return _replay(args, out, policy, clock)
-        finally:
-            store.close()
+    url = args.store
+    if url is None:
+        # Kept after the run, and named on stderr, so that ``tenant status --store URL`` shows
+        # the same final state (the operating system's temporary directory cleans it up).
+        scratch = tempfile.mkdtemp(prefix="domainpolicy-replay-")
+        url = f"sqlite:{os.path.join(scratch, 'state.sqlite3')}"
+        store: StateStore = SQLiteStore(os.path.join(scratch, "state.sqlite3"))
+    else:
+        store = open_store(url)
+    try:
+        # The store's tenant registry, seeded from the configuration when empty: the replay's
+        # register-domain events change it, as the tenant commands do.
+        policy = policy_from_config(config, store, clock=lambda: clock[0])
+        code = _replay(args, out, policy, clock)
+    finally:
+        store.close()
+    sys.stderr.write(
+        f"domainpolicy: replay store: {url} (see it with: domainpolicy tenant status TENANT "
+        f"--config {args.config} --store {url})\n"
+    )
+    return code
 
 
 def _replay(args: argparse.Namespace, out: TextIO, policy: RelayPolicy, clock: list[float]) -> int:
