@@ -321,6 +321,8 @@ class RegistryView:
         self.connectors: dict[str, InboundConnector] = {c.name: c for c in connectors}
         self.info: dict[tuple[str, str], EntryInfo] = {}
         self._table: ConnectorTable | None = None
+        self._suffixes = public_suffixes
+        self._limit = max_domains_per_tenant
 
     def copy(self) -> RegistryView:
         """An independent copy (the matcher is immutable and shared)."""
@@ -330,6 +332,8 @@ class RegistryView:
         other.connectors = dict(self.connectors)
         other.info = dict(self.info)
         other._table = self._table
+        other._suffixes = self._suffixes
+        other._limit = self._limit
         return other
 
     @property
@@ -409,7 +413,12 @@ class RegistryView:
         if problems:
             raise InvalidConfiguration(problems, source="registry change")
         matcher = self.matcher
-        if add or remove:
+        if add and not remove and len(matcher) == 0:
+            # Into an empty registry (an import, a seed): the batch compile, same rules.
+            matcher = DomainMatcher.compile(
+                add, public_suffixes=self._suffixes, max_domains_per_tenant=self._limit
+            )
+        elif add or remove:
             matcher = matcher.with_changes(add=add, remove=remove)
         table: ConnectorTable | None = None
         if connectors_changed or (remove and connectors):

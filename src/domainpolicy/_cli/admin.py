@@ -5,7 +5,9 @@ Declares its commands in `COMMANDS` (`domainpolicy._cli.build_parser` reads them
 ("Command line").
 
 * ``compile DOMAINS-FILE -o SNAPSHOT``: compile a large ``domain<TAB>tenant<TAB>flags`` file into
-  a matcher snapshot, reporting counts and every problem with its line number.
+  a matcher snapshot, reporting counts and every problem with its line number;
+  ``compile --registry STORE-URL -o SNAPSHOT`` writes a registry snapshot of a store's tenant
+  registry instead (for ``serve --snapshot``).
 * ``tenant status|history TENANT``: what an operator wants to see about a tenant.
 * ``tenant register-domain|remove-domain|add-connector|remove-connector|declare-not-ours|
   connector-created|review-connector|attest|request-unblock|approve|deny|block|suspend TENANT
@@ -48,6 +50,7 @@ from domainpolicy._names import parse_address
 from domainpolicy._policy import RelayPolicy, TenantStatus
 from domainpolicy._psl import PublicSuffixes
 from domainpolicy._registry_io import policy_from_config
+from domainpolicy._registry_snapshot import snapshot_registry
 from domainpolicy._replies import Reply, ReplyCode
 from domainpolicy._stores import AuditRecord, StateStore, open_store
 
@@ -145,8 +148,15 @@ def _configure_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "domains_file",
         metavar="DOMAINS-FILE",
+        nargs="?",
         help="accepted domains, one 'domain<TAB>tenant<TAB>flags' per line (flags: "
         "subdomains and/or one of authoritative, internal_relay, external_relay)",
+    )
+    parser.add_argument(
+        "--registry",
+        metavar="STORE-URL",
+        help="instead of a domains file: write a registry snapshot of this store's tenant "
+        "registry (for 'serve --snapshot')",
     )
     parser.add_argument(
         "-o", "--output", required=True, metavar="SNAPSHOT", help="snapshot file to write"
@@ -168,7 +178,38 @@ def _configure_compile(parser: argparse.ArgumentParser) -> None:
     add_progress_option(parser)
 
 
+def _cmd_compile_registry(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        store = open_store(args.registry)
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    try:
+        view = snapshot_registry(store, args.output)
+    except DomainPolicyError as exc:
+        return _error(_one_line(exc))
+    finally:
+        store.close()
+    record = {
+        "ok": True,
+        "source": args.registry,
+        "snapshot": args.output,
+        "registry_version": view.version,
+        "compiled": len(view.matcher),
+        "connectors": len(view.connectors),
+    }
+    text = (
+        f"wrote {args.output}: registry version {view.version}, {len(view.matcher)} accepted "
+        f"domains, {len(view.connectors)} connectors"
+    )
+    _write(out, args, record, text)
+    return EXIT_OK
+
+
 def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
+    if (args.registry is None) == (args.domains_file is None):
+        return _error("compile needs a DOMAINS-FILE or --registry STORE-URL (one of them)")
+    if args.registry is not None:
+        return _cmd_compile_registry(args, out)
     source: str = args.domains_file
     try:
         suffixes = (

@@ -20,6 +20,9 @@ store, requests that arrive while a decision is running are decided together, up
   registry is empty is seeded from ``--config`` once at start.  While the store is down the last
   registry is kept (logged; metrics ``domainpolicy_policy_registry_version``
   and ``domainpolicy_policy_registry_stale_seconds``).
+* ``--snapshot FILE`` starts from a registry snapshot (``domainpolicy compile --registry URL
+  -o FILE``): the compiled matcher is loaded, not compiled, and only the registry's changes since
+  the snapshot's version are applied.  A snapshot of another store's registry is refused.
 * ``SIGHUP`` re-reads the configuration file and imports its accepted domains and connectors
   into the registry (additions and changes, as ``registry import FILE``; never removals: use
   ``registry import --replace``), and swaps the reply texts in atomically
@@ -47,6 +50,7 @@ from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
 from domainpolicy._registry_follow import DEFAULT_POLL_SECONDS
 from domainpolicy._registry_io import import_configuration, policy_from_config
+from domainpolicy._registry_snapshot import view_from_snapshot
 from domainpolicy._stores import StateStore, open_store
 from domainpolicy.integrations._metrics import MetricsEndpoint
 from domainpolicy.integrations.postfix import (
@@ -150,6 +154,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="with a SQLite or Redis store, decide requests that arrive while a decision is "
         f"running together, at most N at a time (default {DEFAULT_MAX_BATCH}; 1: one at a time)",
+    )
+    parser.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="start from this registry snapshot ('domainpolicy compile --registry URL -o FILE') "
+        "and catch up with the registry's changes since it, instead of reading the whole "
+        "registry",
     )
     parser.add_argument(
         "--registry-poll",
@@ -318,7 +329,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         return _error(_one_line(exc))
     try:
         try:
-            policy = policy_from_config(config, store, poll_interval=args.registry_poll)
+            view = None if args.snapshot is None else view_from_snapshot(args.snapshot, store)
+            policy = policy_from_config(config, store, poll_interval=args.registry_poll, view=view)
         except DomainPolicyError as exc:
             return _error(_one_line(exc))
         logging.basicConfig(

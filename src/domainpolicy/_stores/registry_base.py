@@ -90,6 +90,15 @@ class RegistryStore(abc.ABC):
         with self._registry_lock:
             return self._caught_up().copy()
 
+    def registry_prime(self, view: RegistryView) -> None:
+        """Use (a copy of) *view* as this store object's compiled registry when it is newer
+        than the one it has (e.g. one loaded from a snapshot), so that the next commit catches
+        up from its version instead of reading the whole log.  Never raises."""
+        with self._registry_lock:
+            current = self._registry_view
+            if current is None or current.version < view.version:
+                self._registry_view = view.copy()
+
     def _caught_up(self) -> RegistryView:
         view = self._registry_view
         if view is None:
