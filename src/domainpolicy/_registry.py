@@ -31,7 +31,7 @@ import attrs
 from ._connectors import ConnectorTable, InboundConnector
 from ._errors import DomainPolicyError, InvalidConfiguration, shown
 from ._matcher import AcceptedDomain, DomainMatcher, DomainType
-from ._names import normalize_domain
+from ._names import _plain_key, normalize_domain
 from ._psl import PublicSuffixes
 
 __all__ = [
@@ -63,8 +63,13 @@ def canonical_entry_name(domain: object) -> str:
     if not isinstance(domain, str):
         raise InvalidConfiguration([f"domain {shown(domain)} must be a str"])
     wildcard = domain.startswith("*.")
+    text = domain[2:] if wildcard else domain
+    # normalize_domain's own ASCII shortcut first (the same answer, without the call).
+    key = _plain_key(text.lower()) if text.isascii() else None
+    if key is not None:
+        return f"*.{key}" if wildcard else key
     try:
-        key = normalize_domain(domain[2:] if wildcard else domain)
+        key = normalize_domain(text)
     except DomainPolicyError as exc:
         raise InvalidConfiguration(
             [f"domain {shown(domain)} is not a valid domain: {exc}"]

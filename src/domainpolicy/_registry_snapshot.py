@@ -13,8 +13,9 @@ File format (version 1)::
     the matcher snapshot (`DomainMatcher.to_bytes`, N bytes, with its own checksum)
     SHA-256 of everything above (32 bytes)
 
-``fingerprint`` is the SHA-256 of the JSON of the registry's record V: a snapshot is used only
-with the store whose record V is that record (not a snapshot of another store's registry).
+``fingerprint`` is the SHA-256 of the version and the stamp of the registry's record V (when, who,
+why; `RegistryStore.registry_stamp`, read without the record's changes): a snapshot is used
+only with the store whose record V is that record (not a snapshot of another store's registry).
 The file is written next to its path and renamed over it, so readers never see half of one.
 
 Imports the registry core and the matcher only.
@@ -31,7 +32,7 @@ from typing import Final
 from ._errors import InvalidConfiguration, InvalidSnapshot, StoreUnavailable
 from ._matcher import DomainMatcher
 from ._psl import PublicSuffixes
-from ._registry import RegistryRecord, RegistryView, connector_from_dict, connector_to_dict
+from ._registry import RegistryView, connector_from_dict, connector_to_dict
 from ._stores.registry_base import RegistryStore
 
 __all__ = [
@@ -48,11 +49,12 @@ _MAGIC: Final = b"domainpolicy-registry/"
 _DIGEST: Final = 32
 
 
-def record_fingerprint(record: RegistryRecord | None) -> str:
-    """The fingerprint of a registry record (``""`` for version 0, the empty registry)."""
-    if record is None:
+def record_fingerprint(version: int, stamp: tuple[float, str, str] | None) -> str:
+    """The fingerprint of the registry's record of *version*, from its stamp
+    (`RegistryStore.registry_stamp`: when, who, why); ``""`` for version 0 (empty)."""
+    if version == 0 or stamp is None:
         return ""
-    text = json.dumps(record.to_dict(), sort_keys=True, separators=(",", ":"))
+    text = json.dumps([version, *stamp], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -95,8 +97,8 @@ def snapshot_registry(store: object, path: str) -> RegistryView:
     if not isinstance(store, RegistryStore):
         raise InvalidConfiguration([f"store {store!r} keeps no tenant registry"])
     view = store.registry_view()
-    last = store.registry_records(view.version - 1)[:1] if view.version else []
-    save_registry_snapshot(view, record_fingerprint(last[0] if last else None), path)
+    stamp = store.registry_stamp(view.version)
+    save_registry_snapshot(view, record_fingerprint(view.version, stamp), path)
     return view
 
 
@@ -161,19 +163,19 @@ def view_from_snapshot(
     if not isinstance(store, RegistryStore):
         raise InvalidConfiguration([f"store {store!r} keeps no tenant registry"])
     view, fingerprint = load_registry_snapshot(path, public_suffixes=public_suffixes)
-    records = store.registry_records(max(view.version - 1, 0))
     if view.version > 0:
-        if not records or records[0].version != view.version:
+        stamp = store.registry_stamp(view.version)
+        if stamp is None:
             raise InvalidSnapshot(
                 f"registry snapshot {path!r} is of version {view.version}; this store's "
                 f"registry is at version {store.registry_version()} (not this store's snapshot)"
             )
-        if record_fingerprint(records[0]) != fingerprint:
+        if record_fingerprint(view.version, stamp) != fingerprint:
             raise InvalidSnapshot(
                 f"registry snapshot {path!r}: the store's record of version {view.version} is "
                 "not the snapshot's (a snapshot of another store's registry)"
             )
-        records = records[1:]
+    records = store.registry_records(view.version)
     for record in records:
         try:
             view.apply(record)

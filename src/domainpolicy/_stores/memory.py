@@ -157,6 +157,13 @@ class MemoryStore(RegistryStore, StateStore):
         with self._lock:
             return self._registry_log[max(since, 0) :]
 
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        with self._lock:
+            if not 0 < version <= len(self._registry_log):
+                return None
+            record = self._registry_log[version - 1]
+        return record.at, record.actor, record.reason
+
     def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
         with self._lock:
             if len(self._registry_log) != expected:

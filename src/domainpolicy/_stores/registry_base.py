@@ -61,7 +61,21 @@ class RegistryStore(abc.ABC):
         """Append *record* (version ``expected + 1``) atomically iff the newest version is still
         *expected*; False when another writer got there first.  Raises `StoreUnavailable`."""
 
+    @abc.abstractmethod
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        """``(at, actor, reason)`` of the record of *version* without reading its changes, or
+        None when there is none.  Raises `StoreUnavailable`."""
+
     # ---------------------------------------------------------------- the contract
+
+    def registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        """When, by whom and why the mutation of *version* was committed (None: no such
+        version), read without its changes (cheap even for a huge import).
+
+        Raises:
+            StoreUnavailable: the store failed.
+        """
+        return self._registry_stamp(version)
 
     def registry_version(self) -> int:
         """The registry's version: the number of the last committed mutation (0: empty).

@@ -156,6 +156,22 @@ class RegistryRedis(RegistryStore):
             )
         return records
 
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        self._check_open()
+        if version < 1:
+            return None
+        try:
+            row = self._client.lindex(self._registry_log_key, version - 1)
+        except ERRORS as exc:
+            raise self._fail("registry stamp", exc) from exc
+        if row is None:
+            return None
+        try:
+            entry = json.loads(_decoded(row))
+            return float(entry["at"]), str(entry["actor"]), str(entry["reason"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise StoreUnavailable(f"Redis store: corrupt registry log: {exc!r}") from exc
+
     def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
         self._check_open()
         groups: dict[str, list[list[object]]] = {}

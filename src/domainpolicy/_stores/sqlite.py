@@ -62,6 +62,8 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """CREATE TABLE registry_log (
                version INTEGER PRIMARY KEY,
                at REAL NOT NULL,
+               actor TEXT NOT NULL,
+               reason TEXT NOT NULL,
                record TEXT NOT NULL
            )""",
     ),
@@ -400,6 +402,16 @@ class SQLiteStore(RegistryStore, StateStore):
         except (ValueError, InvalidConfiguration) as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r}: corrupt registry: {exc}") from exc
 
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        db = self._connection()
+        try:
+            row = db.execute(
+                "SELECT at, actor, reason FROM registry_log WHERE version = ?", (version,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return None if row is None else (float(row[0]), str(row[1]), str(row[2]))
+
     def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
         text = json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False)
         with self._transaction() as db:
@@ -408,8 +420,9 @@ class SQLiteStore(RegistryStore, StateStore):
                 if int(version or 0) != expected:
                     return False
                 db.execute(
-                    "INSERT INTO registry_log (version, at, record) VALUES (?, ?, ?)",
-                    (record.version, record.at, text),
+                    "INSERT INTO registry_log (version, at, actor, reason, record) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (record.version, record.at, record.actor, record.reason, text),
                 )
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
