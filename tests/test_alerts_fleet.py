@@ -20,9 +20,7 @@ from domainpolicy._alerts.notice import verify
 from domainpolicy._cli import main
 from store_support import STORE_KINDS
 
-POLICY = BlockPolicy(
-    message_limit=40, domain_limit=40, max_tracked_domains=100, warn_fraction=1.0
-)
+POLICY = BlockPolicy(message_limit=40, domain_limit=40, max_tracked_domains=100, warn_fraction=1.0)
 SECRET = "fleet-secret-fleet-secret"
 KINDS = ["sqlite", "redis"]
 

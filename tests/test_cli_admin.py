@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -333,24 +334,29 @@ def test_status_text_shows_state_checklist_domains_and_history(config: str) -> N
     lines = text.splitlines()
     assert lines[0] == "tenant contoso: suspended (5.7.705)"
     assert "suspended by operator: spam wave" in lines[1]
-    assert "  window: 0 relayed" in text
+    assert re.search(r"  window \(as of \d{4}-\d\d-\d\dT[\d:]+Z\): 0 relayed", text)
     assert "  checklist: 1 missing" in text
-    assert "xn--bcher-kva.example, contoso.co.uk (and subdomains)" in text
+    assert "accepted domains (registry version 1):" in text
+    assert "    contoso.co.uk (and subdomains) -- added " in text
+    assert "by config-seed (version 1)" in text
+    assert "    contoso-onprem (" in text
     assert "operator_suspend by noc: active -> suspended" in text
 
 
 def test_history_text_and_json(config: str, tmp_path: Path) -> None:
-    """tenant history prints the audit trail oldest first; --json gives one record per line."""
+    """tenant history prints the audit trail oldest first; --json gives one record per line.
+    (The configuration's connectors seeded into the registry are recorded first.)"""
     for action, extra in [("block", "--reason=r1"), ("attest", "--note=n1")]:
         assert run("tenant", action, "contoso", extra, "--by", "op", "--config", config)[0] == 0
     code, text = run("tenant", "history", "contoso", "--config", config)
     assert code == EXIT_OK
-    assert "operator_block by op: active -> blocked" in text.splitlines()[0]
+    assert "create_connector by config-seed: active -> active" in text.splitlines()[0]
+    assert "operator_block by op: active -> blocked" in text
     assert "    note: n1" in text
     store = f"sqlite:{tmp_path / 'domainpolicy-example.sqlite3'}"
     code, records = run_json("tenant", "history", "contoso", "--store", store)
     assert code == EXIT_OK
-    assert [r["action"] for r in records] == ["operator_block", "attest"]
+    assert [r["action"] for r in records] == ["create_connector", "operator_block", "attest"]
     assert set(records[0]) == {"tenant", "at", "action", "actor", "before", "after", "detail"}
     code, records = run_json("tenant", "history", "contoso", "--store", store, "--limit", "1")
     assert [r["action"] for r in records] == ["attest"]
@@ -364,6 +370,7 @@ def test_json_shapes_of_status_and_actions(config: str) -> None:
     assert set(status) == {
         "tenant", "state", "total", "unregistered", "distinct_domains", "probation_until",
         "checklist", "accepted_domains", "history", "on_probation", "block",
+        "as_of", "registry_version", "connectors", "added",
     }  # fmt: skip
     assert status["accepted_domains"] == ["fabrikam.com", "eu.fabrikam.com"]
     code, (record,) = run_json(
@@ -378,7 +385,8 @@ def test_json_shapes_of_status_and_actions(config: str) -> None:
 def test_register_domain_refusals_and_configuration_note(
     config: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Domains the matcher refuses are refused with exit 1; success reminds to edit the config."""
+    """Domains the matcher refuses are refused with exit 1; success says every server
+    following the store enforces it."""
     base = ("--by", "op", "--config", config)
     code, text = run("tenant", "register-domain", "contoso", "--domain", "co.uk", *base)
     assert code == EXIT_INVALID
@@ -389,7 +397,7 @@ def test_register_domain_refusals_and_configuration_note(
     capsys.readouterr()
     code, _ = run("tenant", "register-domain", "contoso", "--domain", "new.example", *base)
     assert code == EXIT_OK
-    assert "reload them with SIGHUP" in capsys.readouterr().err
+    assert "enforces it within its poll interval (no reload)" in capsys.readouterr().err
 
 
 def test_tenant_errors_are_one_line(

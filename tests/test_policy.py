@@ -282,6 +282,38 @@ def test_register_domain_swaps_the_matcher_copy_on_write() -> None:
         policy.register_domain("fabrikam", "contoso.com", by="admin")
 
 
+@pytest.mark.parametrize(
+    ("registered", "removed"),
+    [
+        (None, "bücher.example"),
+        (None, "BÜCHER.example."),
+        (None, "xn--bcher-kva.example"),
+        ("Partner.Example.", "Partner.Example."),
+        ("Partner.Example.", "partner.example"),
+        ("partner.example", "PARTNER.EXAMPLE"),
+        ("Bücher.Partner.Example", "xn--bcher-kva.partner.example."),
+    ],
+)
+def test_remove_domain_normalises_like_register_domain(
+    registered: str | None, removed: str
+) -> None:
+    """remove_domain accepts every spelling register_domain (or compile) accepts (issue 14.7)."""
+    policy = make()
+    if registered is not None:
+        policy.register_domain("contoso", registered, by="admin")
+    policy.remove_domain("contoso", removed, by="admin")
+    gone = removed.rstrip(".")
+    assert policy.evaluate(RelayRequest(f"a@{gone}")).reason == "no_tenant"
+
+
+def test_remove_domain_of_an_invalid_name_names_it() -> None:
+    """An invalid name is refused with InvalidConfiguration naming it, nothing changed."""
+    policy = make()
+    with pytest.raises(InvalidConfiguration, match=r"bad\.\.name"):
+        policy.remove_domain("contoso", "bad..name", by="admin")
+    assert len(policy.matcher) == len(MATCHER)
+
+
 def test_reload_swaps_configuration() -> None:
     """reload() swaps the matcher atomically."""
     policy = make()

@@ -13,6 +13,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -327,3 +328,56 @@ def test_serve_blocks_survives_kill_and_unblocks(
     log = serve.stderr.read_text()
     assert "tenant=contoso sender_domain=forged8.example verdict=refuse code=550" in log
     assert "policy server closed" in log
+
+
+def test_registry_changes_reach_a_running_serve_without_sighup(
+    postfix_instance: PostfixInstance, serve: Serve
+) -> None:
+    """tenant register-domain while serve runs: the next SMTP transaction from that domain is
+    accepted, no SIGHUP; a connector added by the CLI is on the checklist of the next block."""
+    config = serve.config
+    with smtplib.SMTP("127.0.0.1", postfix_instance.smtp_port, timeout=30) as client:
+        client.ehlo("onprem.contoso.example")
+        # Unregistered but attributed by the on-premises connector: accepted and counted.
+        assert relay(client, "news@contoso-news.example") == accepted()
+        registered = cli(
+            config,
+            "tenant",
+            "register-domain",
+            "contoso",
+            "--domain",
+            "contoso-news.example",
+            "--by",
+            "admin@contoso",
+        )
+        assert registered["ok"] is True
+        deadline = time.monotonic() + 1.0 + 0.5  # the poll interval is 0.25 s
+        while True:
+            status = cli(config, "tenant", "status", "contoso")
+            before = status["unregistered"]
+            assert relay(client, "news@contoso-news.example") == accepted()
+            after = cli(config, "tenant", "status", "contoso")["unregistered"]
+            if after == before:  # decided as the tenant's accepted domain: not unregistered
+                break
+            assert time.monotonic() < deadline, "the registration was not enforced in time"
+        added = cli(
+            config,
+            "tenant",
+            "add-connector",
+            "contoso",
+            "--connector",
+            "rogue",
+            "--ip-range",
+            "203.0.113.0/24",
+            "--by",
+            "attacker@contoso",
+        )
+        assert added["ok"] is True
+        for i in range(9):  # cross the domain limit: blocked
+            relay(client, f"spam@forged{i}.example")
+        assert relay(client, "spam@forged0.example") == blocked()
+        status = cli(config, "tenant", "status", "contoso")
+        block = status["block"]
+        assert isinstance(block, dict)
+        assert "rogue" in block["to_review"]
+    assert serve.stop() == 0

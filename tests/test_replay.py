@@ -83,14 +83,15 @@ def test_replay_json_output() -> None:
 
 
 def test_replay_with_a_persistent_store(tmp_path: Path) -> None:
-    """--store keeps the state: the tenant's audit trail is in the named SQLite file."""
+    """--store keeps the state: the tenant's audit trail is in the named SQLite file (first the
+    configured connector, seeded into the registry and onto the state)."""
     url = f"sqlite:{tmp_path / 'state.db'}"
     code, _ = run("--store", url)
     assert code == EXIT_OK
     with open_store(url) as store:
         assert store.load("contoso").state is State.ACTIVE
         actions = [record.action for record in store.history("contoso")]
-    assert actions[:2] == ["create_connector", "observe"]
+    assert actions[:3] == ["create_connector", "create_connector", "observe"]
     assert actions[-1] == "approve"
 
 
@@ -335,3 +336,23 @@ def test_replay_text_details() -> None:
     assert "0 distinct unregistered domains)" in text
     assert "tenant fabrikam: active" in text
     assert "  audit trail: (none)" in text
+
+
+def test_the_replay_names_its_store_and_tenant_status_agrees(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The replay prints its store's URL; tenant status on it shows the same final state,
+    including the domain the log registered (issue 14, item 5)."""
+    config = str(EXAMPLES / "tenants.toml")
+    code = main(["replay", str(EXAMPLES / "compromise.jsonl"), "--config", config, "--json"])
+    assert code == EXIT_OK
+    captured = capsys.readouterr()
+    final = [json.loads(line) for line in captured.out.splitlines()]
+    replayed = [r for r in final if r.get("event") == "status" and r["tenant"] == "contoso"][-1]
+    url = captured.err.split("replay store: ")[1].split()[0]
+    assert main(["tenant", "status", "contoso", "--config", config, "--store", url, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == replayed["state"] == "active"
+    assert "contoso-news.com" in status["accepted_domains"]
+    assert status["accepted_domains"] == replayed["accepted_domains"]
+    assert status["probation_until"] == replayed["probation_until"]

@@ -37,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Literal, cast
 
@@ -56,10 +58,13 @@ from ._blockstate import (
 from ._connectors import ConnectorTable, InboundConnector
 from ._errors import DomainPolicyError, InvalidAddress, InvalidConfiguration, shown
 from ._matcher import AcceptedDomain, DomainMatcher, DomainType
-from ._names import NormalizedDomain, normalize_domain, parse_address
+from ._names import NormalizedDomain, parse_address
 from ._psl import PublicSuffixes, default_public_suffixes
+from ._registry import EntryInfo, RegistryChange, RegistryView, canonical_entry_name
+from ._registry_follow import DEFAULT_POLL_SECONDS, RegistryFollower
 from ._replies import Reply, ReplyCatalog, ReplyCode
 from ._stores import AuditRecord, MemoryStore, ObserveItem, StateStore
+from ._stores.registry_base import RegistryStore
 
 __all__ = [
     "ACCEPTED_REPLY",
@@ -196,6 +201,13 @@ class TenantStatus:
         accepted_domains: the tenant's accepted domains as configured.
         history: the audit trail, oldest first.
         raw: the full `TenantState`.
+        as_of: the time the counts are aged to (UTC epoch seconds): buckets that left the
+            window by then are not counted, even if no message came since.
+        registry_version: the registry version the domains and connectors are read from
+            (None: the policy does not follow a registry).
+        connectors: the tenant's registered inbound connectors (registry only).
+        added: when and by whom each registered domain (canonical name) and connector
+            (``connector:<name>``) was added (registry only).
     """
 
     tenant: str
@@ -208,6 +220,10 @@ class TenantStatus:
     accepted_domains: tuple[AcceptedDomain, ...]
     history: tuple[AuditRecord, ...]
     raw: TenantState = attrs.field(repr=False, eq=False)
+    as_of: float | None = None
+    registry_version: int | None = None
+    connectors: tuple[InboundConnector, ...] = ()
+    added: Mapping[str, EntryInfo] = attrs.field(factory=dict, eq=False)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe summary (for ``--json`` output and APIs)."""
@@ -223,10 +239,19 @@ class TenantStatus:
             else {"complete": self.checklist.complete, "missing": list(self.checklist.missing)},
             "accepted_domains": [d.domain for d in self.accepted_domains],
             "history": [r.to_dict() for r in self.history],
+            "as_of": self.as_of,
+            "registry_version": self.registry_version,
+            "connectors": [c.name for c in self.connectors],
+            "added": {
+                name: {"version": i.version, "at": i.at, "by": i.actor}
+                for name, i in self.added.items()
+            },
         }
 
 
 _HOT_CACHE_SIZE: Final = 65536
+_monotonic: Final = time.monotonic
+
 
 _Pending = tuple[str, NormalizedDomain, bool, str | None, int]
 """An observation still to count: ``(tenant, sender domain, registered, registrable, weight)``."""
@@ -318,6 +343,84 @@ class RelayPolicy:
         self._registrable: dict[str, str] = {}
         self._attributed: dict[tuple[str, str | tuple[str, ...] | None], str | None] = {}
         self._decisions: dict[tuple[object, ...], Decision] = {}
+        # Following a store's registry (`from_registry`): the follower and when it is next due
+        # (infinity when not following, so the hot path's check is one float comparison).
+        self._follower: RegistryFollower | None = None
+        self._next_poll = math.inf
+
+    @classmethod
+    def from_registry(
+        cls,
+        store: StateStore,
+        *,
+        poll_interval: float = DEFAULT_POLL_SECONDS,
+        view: RegistryView | None = None,
+        block_policy: BlockPolicy | None = None,
+        **options: Any,
+    ) -> RelayPolicy:
+        """A policy that decides with the tenant registry of *store* and follows its changes.
+
+        Every `evaluate` checks at most every *poll_interval* seconds whether the registry's
+        version moved (one cheap read) and applies the new records incrementally
+        (`DomainMatcher.with_changes`); a decision in flight finishes with the registry it
+        started with.  When the store fails, decisions go on with the last registry (the
+        staleness is logged and reported by `registry_stale_seconds`).  `register_domain`,
+        `remove_domain`, `add_connector` and `remove_connector` then write the registry, so
+        every process following it enforces the change within *poll_interval*.
+
+        Args:
+            store: a store keeping a registry (every store of domainpolicy does).
+            poll_interval: seconds between version polls.
+            view: start from this view (`RegistryView`, e.g. from a matcher snapshot) and catch
+                up from its version, instead of reading the whole registry.
+            block_policy: as for `RelayPolicy`.
+            options: the keyword options of `RelayPolicy` (replies, clock, fail_open...).
+
+        Raises:
+            InvalidConfiguration: the store keeps no registry, or an option is invalid.
+            StoreUnavailable: the registry cannot be read.
+        """
+        follower = RegistryFollower(store, interval=poll_interval, view=view)
+        current = follower.view
+        policy = cls(current.matcher, current.connector_table, block_policy, store, **options)
+        policy._follower = follower
+        policy._next_poll = follower.next_poll
+        return policy
+
+    @property
+    def registry_version(self) -> int | None:
+        """The registry version decisions are made with (None: not following a registry)."""
+        return None if self._follower is None else self._follower.version
+
+    @property
+    def registry_stale_seconds(self) -> float:
+        """Seconds the registry has been stale (the store failing the polls); 0 when fresh."""
+        return 0.0 if self._follower is None else self._follower.stale_seconds
+
+    def sync_registry(self, *, force: bool = True) -> bool:
+        """Poll the registry now (*force*) or if due; True when a change was applied.
+
+        Never raises (a failing store keeps the current registry; see `from_registry`).
+        """
+        follower = self._follower
+        if follower is None:
+            return False
+        view = follower.poll(force=force)
+        self._next_poll = follower.next_poll
+        if view is None:
+            return False
+        with self._lock:
+            self._matcher = view.matcher
+            self._connectors = view.connector_table
+            self._attributed = {}
+        return True
+
+    def _registry_store(self) -> RegistryStore:
+        if self._follower is None:
+            raise InvalidConfiguration(
+                ["this RelayPolicy does not follow a registry (make it with from_registry)"]
+            )
+        return self._follower.store
 
     # ------------------------------------------------------------------ configuration
 
@@ -382,6 +485,8 @@ class RelayPolicy:
         """
         # `_prepare`, the store, `_finish`: the steps shared with `evaluate_many`, inline here
         # (no extra call on the hot path).
+        if _monotonic() >= self._next_poll:
+            self.sync_registry(force=False)
         try:
             prepared = self._prepare(request)
             if isinstance(prepared, Decision):
@@ -505,6 +610,8 @@ class RelayPolicy:
         read propagates before anything is counted.
         """
         batch = list(requests)
+        if _monotonic() >= self._next_poll:
+            self.sync_registry(force=False)
         decisions: list[Decision | None] = []
         pending: list[tuple[int, _Pending]] = []
         items: list[ObserveItem] = []
@@ -641,16 +748,38 @@ class RelayPolicy:
             self._alert(effects)
         return state
 
-    def status(self, tenant: str, *, history: int | None = 50) -> TenantStatus:
-        """The tenant's state, counts in the window, checklist and recent history (the newest
-        *history* audit records; None: all of them; 0: none, without reading them).
+    def status(
+        self, tenant: str, *, history: int | None = 50, now: float | None = None
+    ) -> TenantStatus:
+        """The tenant's state, counts in the window aged to *now* (default: the clock),
+        checklist, recent history (the newest *history* audit records; None: all of them; 0:
+        none, without reading them) and, when following a registry, its registered domains and
+        connectors with when and by whom they were added (the registry is polled first).
 
         Raises:
             StoreUnavailable: the store failed.
         """
+        self.sync_registry(force=True)
         state = self.store.load(tenant)
-        window = state.window
+        as_of = self._clock() if now is None else float(now)
+        window = state.window.copy()
+        policy = self.machine.policy
+        window.advance(int(as_of // policy.bucket_seconds), policy.buckets)
         checklist = None if state.block is None else self.machine.checklist(state)
+        follower = self._follower
+        connectors: tuple[InboundConnector, ...] = ()
+        added: dict[str, EntryInfo] = {}
+        if follower is not None:
+            view = follower.view
+            connectors = tuple(c for c in view.connectors.values() if c.tenant == tenant)
+            for entry in self._matcher.domains_of(tenant):
+                info = view.info.get(("domain", entry.domain))
+                if info is not None:
+                    added[entry.domain] = info
+            for connector in connectors:
+                info = view.info.get(("connector", connector.name))
+                if info is not None:
+                    added[f"connector:{connector.name}"] = info
         return TenantStatus(
             tenant=tenant,
             state=state.state,
@@ -662,6 +791,10 @@ class RelayPolicy:
             accepted_domains=self._matcher.domains_of(tenant),
             history=() if history == 0 else tuple(self.store.history(tenant, limit=history)),
             raw=state,
+            as_of=as_of,
+            registry_version=None if follower is None else follower.version,
+            connectors=connectors,
+            added=added,
         )
 
     def register_domain(
@@ -672,12 +805,15 @@ class RelayPolicy:
         by: str,
         match_subdomains: bool = False,
         domain_type: DomainType = DomainType.AUTHORITATIVE,
+        reason: str = "",
     ) -> TenantState:
         """Register an accepted domain: the live matcher accepts it at once (copy-on-write swap)
         and the tenant's remediation checklist counts it as registered.
 
-        Configuration stays the source of truth for other processes: add the domain there too
-        (a fleet reloads it on SIGHUP).
+        A policy made with `from_registry` writes the store's registry (one audited record by
+        *by*, with *reason*), so every process following it accepts the domain within its poll
+        interval; then the checklist is ticked.  A policy with a static matcher changes only its
+        own matcher: other processes learn of the domain from their configuration.
 
         Raises:
             InvalidConfiguration: the matcher refuses the domain (a public suffix, another
@@ -686,6 +822,18 @@ class RelayPolicy:
             StoreUnavailable: the store failed.
         """
         entry = AcceptedDomain(domain, tenant, domain_type, match_subdomains)
+        if self._follower is not None:
+            self._follower.store.registry_commit(
+                [RegistryChange.add_domain(entry)], actor=by, reason=reason, now=self._clock()
+            )
+            self.sync_registry()
+            return self._apply(
+                tenant,
+                "register_domain",
+                by,
+                {"domain": domain, "match_subdomains": match_subdomains, "registry": True},
+                self._checklist_event(domain, self.machine.register_domain),
+            )
         with self._lock:
             updated = self._matcher.with_changes(add=[entry])
             state = self._apply(
@@ -698,23 +846,60 @@ class RelayPolicy:
             self._matcher = updated
         return state
 
-    def remove_domain(self, tenant: str, domain: str, *, by: str) -> TenantState:
+    def _checklist_event(
+        self, domain: str, event: Callable[[TenantState, float, str], tuple[TenantState, Effects]]
+    ) -> Callable[[TenantState, float], tuple[TenantState, Effects]]:
+        """The checklist side of a domain change (a wildcard entry is no registrable domain of
+        the checklist: recorded, nothing to tick)."""
+        if domain.startswith("*."):
+            return lambda s, now: (s, Effects())
+        return lambda s, now: event(s, now, domain)
+
+    def remove_domain(self, tenant: str, domain: str, *, by: str, reason: str = "") -> TenantState:
         """Remove an accepted domain from the live matcher and record it.
 
+        *domain* may be spelled in any way `normalize_domain` accepts (``Partner.Example.``,
+        ``bücher.example`` or its A-label): it is normalised before it is looked up.
+
         Raises:
-            InvalidConfiguration: the domain is not one of the tenant's configured entries.
+            InvalidConfiguration: the domain is invalid or not one of the tenant's entries.
             InvalidTransition: the state machine refuses the event.
             StoreUnavailable: the store failed.
         """
+        canonical = canonical_entry_name(domain)
+        if self._follower is not None:
+            try:
+                self._follower.store.registry_commit(
+                    [RegistryChange.remove_domain(AcceptedDomain(canonical, tenant))],
+                    actor=by,
+                    reason=reason,
+                    now=self._clock(),
+                )
+            except InvalidConfiguration:
+                # Not in the registry: ticked on the checklist only (by an older version, say)?
+                block = self.store.load(tenant).block
+                if block is None or canonical not in block.registered:
+                    raise
+            self.sync_registry()
+            return self._apply(
+                tenant,
+                "remove_domain",
+                by,
+                {"domain": domain, "registry": True},
+                self._checklist_event(canonical, self.machine.remove_domain),
+            )
         with self._lock:
-            entries = [e for e in self._matcher.domains_of(tenant) if e.domain == domain]
+            entries = [e for e in self._matcher.domains_of(tenant) if e.domain == canonical]
             if not entries:
                 # Registered earlier through the checklist only (e.g. by another process, the
                 # CLI) but not in this process's configuration: record the removal all the same.
                 block = self.store.load(tenant).block
-                if block is None or normalize_domain(domain) not in block.registered:
+                if block is None or canonical not in block.registered:
                     raise InvalidConfiguration(
-                        [f"domain {domain!r} is not an accepted domain of tenant {tenant!r}"]
+                        [
+                            f"domain {shown(domain)} is not an accepted domain of tenant "
+                            f"{shown(tenant)}"
+                        ]
                     )
                 return self._apply(
                     tenant,
@@ -773,6 +958,59 @@ class RelayPolicy:
                 s, now if when is None else when, connector.name
             ),
         )
+
+    def add_connector(
+        self, connector: InboundConnector, *, by: str, reason: str = ""
+    ) -> TenantState:
+        """Add (or replace) an inbound connector in the store's registry, and put it on the
+        tenant's remediation checklist: it must be reviewed if the tenant is blocked within the
+        look-back window, at once if a block is in force.  Its ``created_at`` (else now) is its
+        creation time.  Needs a policy made with `from_registry`.
+
+        Raises:
+            InvalidConfiguration: the policy follows no registry, or `ConnectorTable.compile`
+                refuses the connector (a certificate name outside the tenant's domains, a range
+                or name of another tenant...).
+            InvalidTransition: the state machine refuses the event.
+            StoreUnavailable: the store failed.
+        """
+        registry = self._registry_store()
+        now = self._clock()
+        registry.registry_commit(
+            [RegistryChange.add_connector(connector)], actor=by, reason=reason, now=now
+        )
+        self.sync_registry()
+        return self._record_connector(connector, by, now)
+
+    def _record_connector(
+        self, connector: InboundConnector, by: str | None, now: float
+    ) -> TenantState:
+        """The checklist side of a connector creation (a connector already listed is kept)."""
+        created = connector.created_at
+        when = now if created is None else created.timestamp()
+
+        def event(state: TenantState, at: float) -> tuple[TenantState, Effects]:
+            if any(name == connector.name for name, _ in state.connectors):
+                return state, Effects()
+            return self.machine.create_connector(state, when, connector.name)
+
+        return self._apply(
+            connector.tenant, "create_connector", by, {"connector": connector.name}, event
+        )
+
+    def remove_connector(self, name: str, *, by: str, reason: str = "") -> None:
+        """Remove an inbound connector from the store's registry (review it on the checklist
+        with `review_connector`).  Needs a policy made with `from_registry`.
+
+        Raises:
+            InvalidConfiguration: the policy follows no registry, or no such connector.
+            StoreUnavailable: the store failed.
+        """
+        registry = self._registry_store()
+        registry.registry_commit(
+            [RegistryChange.remove_connector(name)], actor=by, reason=reason, now=self._clock()
+        )
+        self.sync_registry()
 
     def review_connector(self, tenant: str, connector: str, *, kept: bool, by: str) -> TenantState:
         """Record the review of an inbound connector (kept or removed).

@@ -4,6 +4,7 @@ this package.
 * `common`: exit codes, the one-line-error parser, ``--json`` output, the progress bar;
 * `names`: ``normalize``, ``check``;
 * `admin`: ``compile``, ``tenant ...``, ``ndr``;
+* `registry`: ``registry import|export|history`` (the store's tenant registry);
 * `replay`: ``replay``;
 * `serve`: ``serve`` (the Postfix policy server);
 * `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox).
@@ -43,12 +44,13 @@ __all__ = [
 
 def commands() -> dict[str, Command]:
     """Every command, in the order ``domainpolicy --help`` lists them."""
-    from . import admin, alerts, names, replay, serve
+    from . import admin, alerts, names, registry, replay, serve
 
     return {
         **names.COMMANDS,
         **replay.COMMANDS,
         **admin.COMMANDS,
+        **registry.COMMANDS,
         **serve.COMMANDS,
         **alerts.COMMANDS,
     }

@@ -5,11 +5,16 @@ Declares its commands in `COMMANDS` (`domainpolicy._cli.build_parser` reads them
 ("Command line").
 
 * ``compile DOMAINS-FILE -o SNAPSHOT``: compile a large ``domain<TAB>tenant<TAB>flags`` file into
-  a matcher snapshot, reporting counts and every problem with its line number.
+  a matcher snapshot, reporting counts and every problem with its line number;
+  ``compile --registry STORE-URL -o SNAPSHOT`` writes a registry snapshot of a store's tenant
+  registry instead (for ``serve --snapshot``).
 * ``tenant status|history TENANT``: what an operator wants to see about a tenant.
-* ``tenant register-domain|remove-domain|declare-not-ours|connector-created|review-connector|
-  attest|request-unblock|approve|deny|block|suspend TENANT ... --by WHO``: the administrative
-  operations of `RelayPolicy`, applied to the configured (or ``--store``) state store.
+* ``tenant register-domain|remove-domain|add-connector|remove-connector|declare-not-ours|
+  connector-created|review-connector|attest|request-unblock|approve|deny|block|suspend TENANT
+  ... --by WHO``: the administrative operations of `RelayPolicy`, applied to the configured (or
+  ``--store``) store.  Domains and connectors change the store's tenant registry (seeded from
+  the configuration when empty, see `domainpolicy._registry_io`), so every ``serve`` following
+  that store enforces them within its poll interval, without a reload.
 * ``ndr CODE``: the SMTP reply for a code and a non-delivery report built with `build_dsn`.
 
 Exit codes, as for every command: 0 success; 1 refused (invalid input, a transition the block
@@ -44,6 +49,8 @@ from domainpolicy._matcher import AcceptedDomain, DomainMatcher, DomainType
 from domainpolicy._names import parse_address
 from domainpolicy._policy import RelayPolicy, TenantStatus
 from domainpolicy._psl import PublicSuffixes
+from domainpolicy._registry_io import policy_from_config
+from domainpolicy._registry_snapshot import snapshot_registry
 from domainpolicy._replies import Reply, ReplyCode
 from domainpolicy._stores import AuditRecord, StateStore, open_store
 
@@ -154,8 +161,15 @@ def _configure_compile(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "domains_file",
         metavar="DOMAINS-FILE",
+        nargs="?",
         help="accepted domains, one 'domain<TAB>tenant<TAB>flags' per line (flags: "
         "subdomains and/or one of authoritative, internal_relay, external_relay)",
+    )
+    parser.add_argument(
+        "--registry",
+        metavar="STORE-URL",
+        help="instead of a domains file: write a registry snapshot of this store's tenant "
+        "registry (for 'serve --snapshot')",
     )
     parser.add_argument(
         "-o", "--output", required=True, metavar="SNAPSHOT", help="snapshot file to write"
@@ -177,7 +191,38 @@ def _configure_compile(parser: argparse.ArgumentParser) -> None:
     add_progress_option(parser)
 
 
+def _cmd_compile_registry(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        store = open_store(args.registry)
+    except DomainPolicyError as exc:
+        return _error(one_line(exc))
+    try:
+        view = snapshot_registry(store, args.output)
+    except DomainPolicyError as exc:
+        return _error(one_line(exc))
+    finally:
+        store.close()
+    record = {
+        "ok": True,
+        "source": args.registry,
+        "snapshot": args.output,
+        "registry_version": view.version,
+        "compiled": len(view.matcher),
+        "connectors": len(view.connectors),
+    }
+    text = (
+        f"wrote {args.output}: registry version {view.version}, {len(view.matcher)} accepted "
+        f"domains, {len(view.connectors)} connectors"
+    )
+    _write(out, args, record, text)
+    return EXIT_OK
+
+
 def _cmd_compile(args: argparse.Namespace, out: TextIO) -> int:
+    if (args.registry is None) == (args.domains_file is None):
+        return _error("compile needs a DOMAINS-FILE or --registry STORE-URL (one of them)")
+    if args.registry is not None:
+        return _cmd_compile_registry(args, out)
     source: str = args.domains_file
     try:
         suffixes = (
@@ -288,17 +333,22 @@ def _open_policy(
     config = read_config(args.config)
     store = open_store(args.store) if args.store is not None else config.open_store()
     try:
-        return config, store, config.build_policy(store=store)
+        return config, store, policy_from_config(config, store)
     except BaseException:
         store.close()
         raise
 
 
-def _check_tenant(tenant: str, config: PolicyConfig | None, store: StateStore) -> None:
-    """Refuse a tenant that is neither configured nor stored: almost always a typo."""
+def _check_tenant(
+    tenant: str, config: PolicyConfig | None, store: StateStore, policy: RelayPolicy | None
+) -> None:
+    """Refuse a tenant that is neither configured, registered nor stored: almost always a typo
+    (registering a first domain or connector creates a tenant)."""
     if config is not None and (
         tenant in config.matcher.tenants() or any(c.tenant == tenant for c in config.connector_list)
     ):
+        return
+    if policy is not None and tenant in policy.matcher.tenants():
         return
     if tenant in store.tenants():
         return
@@ -354,6 +404,13 @@ def _record_lines(record: AuditRecord, indent: str) -> list[str]:
     return lines
 
 
+def _added(status: TenantStatus, key: str) -> str:
+    info = status.added.get(key)
+    if info is None:
+        return ""
+    return f" -- added {_stamp(info.at)} by {info.actor} (version {info.version})"
+
+
 def _status_text(status: TenantStatus, now: float) -> str:
     block = status.raw.block
     state = status.state.value + (f" ({block.code.value})" if block is not None else "")
@@ -362,9 +419,10 @@ def _status_text(status: TenantStatus, now: float) -> str:
         lines.append(f"  since {_stamp(block.since)}: {block.reason}")
         if block.request is not None:
             lines.append(f"  unblock request pending since {_stamp(block.request.at)}")
+    as_of = f" (as of {_stamp(status.as_of)})" if status.as_of is not None else ""
     lines.append(
-        f"  window: {status.total} relayed, {status.unregistered} from unregistered domains, "
-        f"{status.distinct_domains} distinct unregistered "
+        f"  window{as_of}: {status.total} relayed, {status.unregistered} from unregistered "
+        f"domains, {status.distinct_domains} distinct unregistered "
         f"domain{'' if status.distinct_domains == 1 else 's'}"
     )
     if status.probation_until is not None:
@@ -376,8 +434,25 @@ def _status_text(status: TenantStatus, now: float) -> str:
         else:
             lines.append(f"  checklist: {len(status.checklist.missing)} missing")
             lines += [f"    - {step}" for step in status.checklist.missing]
-    domains = ", ".join(_domain_text(d) for d in status.accepted_domains) or "(none)"
-    lines.append(f"  accepted domains: {domains}")
+    if status.registry_version is None:
+        domains = ", ".join(_domain_text(d) for d in status.accepted_domains) or "(none)"
+        lines.append(f"  accepted domains: {domains}")
+    else:
+        lines.append(
+            f"  accepted domains (registry version {status.registry_version}): "
+            + ("" if status.accepted_domains else "(none)")
+        )
+        for entry in status.accepted_domains:
+            lines.append(f"    {_domain_text(entry)}{_added(status, entry.domain)}")
+        if status.connectors:
+            lines.append("  inbound connectors:")
+        for connector in status.connectors:
+            parts = [str(n) for n in connector.sender_ip_ranges] + list(connector.tls_cert_names)
+            off = "" if connector.enabled else ", disabled"
+            lines.append(
+                f"    {connector.name} ({', '.join(parts) or 'no match'}{off})"
+                f"{_added(status, 'connector:' + connector.name)}"
+            )
     if status.history:
         lines.append(f"  recent history ({len(status.history)}):")
         for record in status.history:
@@ -488,9 +563,65 @@ def _connector_created(
 
 
 _CONFIG_NOTE: Final = (
-    "note: recorded for the remediation checklist; running servers change their accepted "
-    "domains only when the configuration does (edit it and reload them with SIGHUP)"
+    "note: the store's tenant registry changed; every server following this store enforces "
+    "it within its poll interval (no reload); the configuration file is not edited (see "
+    "'domainpolicy registry export')"
 )
+
+
+def _args_connector(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connector", required=True, help="the inbound connector's name")
+
+
+def _args_add_connector(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--connector", required=True, help="the inbound connector's name")
+    parser.add_argument(
+        "--ip-range",
+        action="append",
+        default=[],
+        dest="ranges",
+        metavar="CIDR",
+        help="a sender IP range (repeat for several)",
+    )
+    parser.add_argument(
+        "--cert-name",
+        action="append",
+        default=[],
+        dest="cert_names",
+        metavar="NAME",
+        help="a TLS certificate name under the tenant's domains (repeat for several)",
+    )
+    parser.add_argument(
+        "--created-at",
+        type=_aware_datetime,
+        help="when it was created (ISO 8601 with a zone; default: now)",
+    )
+    parser.add_argument("--disabled", action="store_true", help="add it disabled")
+
+
+def _add_connector(
+    policy: RelayPolicy, args: argparse.Namespace, config: PolicyConfig
+) -> TenantState:
+    try:
+        connector = InboundConnector(
+            args.connector,
+            args.tenant,
+            sender_ip_ranges=tuple(args.ranges),
+            tls_cert_names=tuple(args.cert_names),
+            created_at=args.created_at,
+            enabled=not args.disabled,
+        )
+    except ValueError as exc:
+        raise InvalidConfiguration([f"connector {args.connector!r}: {exc}"]) from exc
+    return policy.add_connector(connector, by=args.by)
+
+
+def _remove_connector(
+    policy: RelayPolicy, args: argparse.Namespace, config: PolicyConfig
+) -> TenantState:
+    policy.remove_connector(args.connector, by=args.by)
+    return policy.store.load(args.tenant)
+
 
 _ACTIONS: Final[
     dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], _Call, str | None]]
@@ -511,6 +642,18 @@ _ACTIONS: Final[
         "remove an accepted domain (reopens it in the remediation checklist)",
         _args_domain,
         lambda p, a, c: p.remove_domain(a.tenant, a.domain, by=a.by),
+        _CONFIG_NOTE,
+    ),
+    "add-connector": (
+        "add (or replace) an inbound connector in the registry; it joins the checklist",
+        _args_add_connector,
+        _add_connector,
+        _CONFIG_NOTE,
+    ),
+    "remove-connector": (
+        "remove an inbound connector from the registry",
+        _args_connector,
+        _remove_connector,
         _CONFIG_NOTE,
     ),
     "declare-not-ours": (
@@ -691,7 +834,8 @@ def _cmd_tenant(args: argparse.Namespace, out: TextIO) -> int:
     except DomainPolicyError as exc:
         return _error(one_line(exc))
     try:
-        _check_tenant(args.tenant, config, store)
+        if args.tenant_command not in ("register-domain", "add-connector"):
+            _check_tenant(args.tenant, config, store, policy)
         if args.tenant_command == "history":
             return _tenant_history(args, out, store)
         assert config is not None  # --config is required for every other action

@@ -17,11 +17,14 @@ of one instant (the same ``at``; logs usually have one-second resolution) are de
 with `RelayPolicy.evaluate_many`, up to `MAX_BATCH` at a time: one store transaction or round trip
 for all of them, and exactly the decisions of deciding them one by one.  A skipped (malformed)
 line changes nothing, not even the clock.  The state lives in a
-fresh temporary SQLite database unless ``--store`` names one.  Each decision is printed with the
-exact SMTP reply (a refusal repeating the reply of one printed before for its tenant is counted
-in one ``... and N more refusals like ...`` line unless ``--verbose``); the run ends with every
-tenant's state and audit trail.  A relay log that cannot be read, or a configuration that
-cannot, is one error line (exit 2), with a hint when the two look swapped.
+fresh SQLite database in a new temporary directory unless ``--store`` names one; its URL is
+printed on stderr at the end, so that ``tenant status --store URL`` shows the same final state
+(the replay works on the store's tenant registry, seeded from ``--config`` when empty).  Each
+decision is printed with the exact SMTP reply (a refusal repeating the reply of one printed
+before for its tenant is counted in one ``... and N more refusals like ...`` line unless
+``--verbose``); the run ends with every tenant's state and audit trail.  A relay log that cannot
+be read, or a configuration that cannot, is one error line (exit 2), with a hint when the two
+look swapped.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from domainpolicy._config import PolicyConfig
 from domainpolicy._connectors import InboundConnector
 from domainpolicy._errors import DomainPolicyError
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest, TenantStatus
+from domainpolicy._registry_io import policy_from_config
 from domainpolicy._stores import SQLiteStore, StateStore, open_store
 
 from .common import (
@@ -425,17 +429,29 @@ def _run_with(
     args: argparse.Namespace, out: TextIO, config: PolicyConfig, handle: Any, total: int
 ) -> int:
     clock = [0.0]
-    with tempfile.TemporaryDirectory(prefix="domainpolicy-replay-") as scratch:
-        store: StateStore = (
-            open_store(args.store)
-            if args.store
-            else SQLiteStore(os.path.join(scratch, "state.sqlite3"), synchronous="NORMAL")
+    url = args.store
+    if url is None:
+        # Kept after the run, and named on stderr, so that ``tenant status --store URL`` shows
+        # the same final state (the operating system's temporary directory cleans it up).
+        scratch = tempfile.mkdtemp(prefix="domainpolicy-replay-")
+        url = f"sqlite:{os.path.join(scratch, 'state.sqlite3')}"
+        store: StateStore = SQLiteStore(
+            os.path.join(scratch, "state.sqlite3"), synchronous="NORMAL"
         )
-        try:
-            policy = config.build_policy(store=store, clock=lambda: clock[0])
-            return _replay(args, out, policy, clock, handle, total)
-        finally:
-            store.close()
+    else:
+        store = open_store(url)
+    try:
+        # The store's tenant registry, seeded from the configuration when empty: the replay's
+        # register-domain events change it, as the tenant commands do.
+        policy = policy_from_config(config, store, clock=lambda: clock[0])
+        code = _replay(args, out, policy, clock, handle, total)
+    finally:
+        store.close()
+    sys.stderr.write(
+        f"domainpolicy: replay store: {url} (see it with: domainpolicy tenant status TENANT "
+        f"--config {args.config} --store {url})\n"
+    )
+    return code
 
 
 def _replay(

@@ -14,9 +14,21 @@ tenant, sender domain, verdict, code, reason and latency) go to stderr.  With a 
 store, requests that arrive while a decision is running are decided together, up to
 ``--max-batch`` at a time (``make_handler``'s group commit; ``--max-batch 1`` turns it off).
 
-* ``SIGHUP`` re-reads the configuration file, compiles it and swaps the accepted domains,
-  connectors and reply texts in atomically (`RelayPolicy.reload`); requests in flight finish
-  with the old ones.  An invalid new configuration is logged and the old one kept.  Thresholds
+* **The tenant registry.**  The server decides with the store's tenant registry and follows
+  it: at most every ``--registry-poll`` seconds (default 0.25) a decision first reads the
+  registry's version, and a change made anywhere (``domainpolicy tenant register-domain``,
+  ``registry import``, another server) is applied incrementally, with no reload.  A store whose
+  registry is empty is seeded from ``--config`` once at start.  While the store is down the last
+  registry is kept (logged; metrics ``domainpolicy_policy_registry_version``
+  and ``domainpolicy_policy_registry_stale_seconds``).
+* ``--snapshot FILE`` starts from a registry snapshot (``domainpolicy compile --registry URL
+  -o FILE``): the compiled matcher is loaded, not compiled, and only the registry's changes since
+  the snapshot's version are applied.  A snapshot of another store's registry is refused.
+* ``SIGHUP`` re-reads the configuration file and imports its accepted domains and connectors
+  into the registry (additions and changes, as ``registry import FILE``; never removals: use
+  ``registry import --replace``), and swaps the reply texts in atomically
+  (`RelayPolicy.reload`); requests in flight finish with the old ones.  An invalid new
+  configuration (or one the registry refuses) is logged and the old one kept.  Thresholds
   (``[policy]``), ``[relay]`` options and the store are read at start only: a change to them is
   logged as needing a restart.
 * ``SIGTERM`` / ``SIGINT`` shut down gracefully: stop accepting, answer the requests in
@@ -38,6 +50,9 @@ from domainpolicy._alerts.worker import AlertWorker
 from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
+from domainpolicy._registry_follow import DEFAULT_POLL_SECONDS
+from domainpolicy._registry_io import import_configuration, policy_from_config
+from domainpolicy._registry_snapshot import view_from_snapshot
 from domainpolicy._stores import StateStore, open_store
 from domainpolicy.integrations._metrics import (
     METRICS_EXTRA,
@@ -103,7 +118,8 @@ def _socket_mode(text: str) -> int:
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
-        "SIGHUP reloads the configuration (accepted domains, connectors, replies); "
+        "SIGHUP reloads the configuration (imports its accepted domains and connectors into "
+        "the store's registry; swaps the replies); "
         "SIGTERM/SIGINT shut down gracefully. Exit codes: 0 clean shutdown; 2 configuration, "
         "store or listen address error."
     )
@@ -170,6 +186,21 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         "IP or certificate) attributed to a tenant, so the ranges need not be in mynetworks",
     )
     parser.add_argument(
+        "--snapshot",
+        metavar="FILE",
+        help="start from this registry snapshot ('domainpolicy compile --registry URL -o FILE') "
+        "and catch up with the registry's changes since it, instead of reading the whole "
+        "registry",
+    )
+    parser.add_argument(
+        "--registry-poll",
+        type=_positive_float,
+        default=DEFAULT_POLL_SECONDS,
+        metavar="SECONDS",
+        help="how often to check the store's tenant registry for changes "
+        f"(default {DEFAULT_POLL_SECONDS})",
+    )
+    parser.add_argument(
         "--log-level",
         choices=_LEVELS,
         default="info",
@@ -215,7 +246,19 @@ class _Service:
         """
         async with self._lock:  # two quick SIGHUPs: one reload after the other
             new = await asyncio.to_thread(load_config, self.path)
-            self.policy.reload(matcher=new.matcher, connectors=new.connectors, replies=new.replies)
+            policy = self.policy
+            changes, _ = await asyncio.to_thread(
+                import_configuration,
+                policy.store,
+                new.matcher,
+                new.connector_list,
+                actor="sighup",
+                reason=f"reload of {self.path}",
+                now=policy.store.now(),
+                machine=policy.machine,
+            )
+            await asyncio.to_thread(policy.sync_registry)
+            policy.reload(replies=new.replies)
             old, self.config = self.config, new
             if new.pinned_certificates != old.pinned_certificates and self.server is not None:
                 self.server.set_handler(self.handler())
@@ -234,9 +277,12 @@ class _Service:
                     ", ".join(ignored),
                 )
             _log.info(
-                "reload: configuration %s loaded (%d tenants)",
+                "reload: configuration %s loaded (%d tenants, %d registry changes, registry "
+                "version %s)",
                 self.path,
                 len(new.matcher.tenants()),
+                len(changes),
+                policy.registry_version,
             )
 
 
@@ -255,6 +301,11 @@ async def _serve(
     service.cache = InstanceCache(maxsize=args.cache_size)
     server = PolicyServer(service.handler(), settings=settings, reload_hook=service.reload)
     service.server = server
+    policy = service.policy
+    server.metrics.tenant_registry = lambda: (
+        policy.registry_version,
+        policy.registry_stale_seconds,
+    )
     endpoint: MetricsEndpoint | None = None
     try:
         try:
@@ -326,7 +377,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         return _error(one_line(exc))
     try:
         try:
-            policy = config.build_policy(store=store)
+            view = None if args.snapshot is None else view_from_snapshot(args.snapshot, store)
+            policy = policy_from_config(config, store, poll_interval=args.registry_poll, view=view)
         except DomainPolicyError as exc:
             return _error(one_line(exc))
         logging.basicConfig(

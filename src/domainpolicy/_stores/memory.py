@@ -17,6 +17,7 @@ from domainpolicy._blockstate import (
     InvalidEvent,
     TenantState,
 )
+from domainpolicy._registry import RegistryRecord
 from domainpolicy._stores.base import (
     AuditRecord,
     Mutation,
@@ -35,12 +36,14 @@ from domainpolicy._stores.outbox import (
     check_claim,
     transition_rows,
 )
+from domainpolicy._stores.registry_base import RegistryStore
 
 __all__ = ["MemoryStore"]
 
 
-class MemoryStore(StateStore):
-    """State in this process's memory: for tests and single-process embedding.
+class MemoryStore(RegistryStore, StateStore):
+    """State (and the tenant registry) in this process's memory: for tests and single-process
+    embedding.
 
     Thread-safe (one lock); lost when the process exits.
     """
@@ -52,6 +55,8 @@ class MemoryStore(StateStore):
         self._states: dict[str, TenantState] = {}
         self._audit: dict[str, list[AuditRecord]] = {}
         self._outbox: dict[str, OutboxRow] = {}
+        self._registry_log: list[RegistryRecord] = []
+        self._registry_init()
 
     def observe(
         self,
@@ -240,3 +245,26 @@ class MemoryStore(StateStore):
             rows = [r for r in self._outbox.values() if status is None or r.status == status]
         rows.sort(key=lambda r: (r.created, r.id))
         return rows[:limit]
+
+    # -- registry ---------------------------------------------------------------
+
+    def _registry_version(self) -> int:
+        return len(self._registry_log)
+
+    def _registry_records(self, since: int) -> list[RegistryRecord]:
+        with self._lock:
+            return self._registry_log[max(since, 0) :]
+
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        with self._lock:
+            if not 0 < version <= len(self._registry_log):
+                return None
+            record = self._registry_log[version - 1]
+        return record.at, record.actor, record.reason
+
+    def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
+        with self._lock:
+            if len(self._registry_log) != expected:
+                return False
+            self._registry_log.append(record)
+            return True

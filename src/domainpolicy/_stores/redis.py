@@ -85,6 +85,7 @@ from domainpolicy._stores.redis_schema import (
     Keys,
     limit_args,
 )
+from domainpolicy._stores.registry_redis import RegistryRedis
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisStore"]
 
@@ -123,7 +124,7 @@ def _copy(state: TenantState) -> TenantState:
     return attrs.evolve(state, window=state.window.copy())
 
 
-class RedisStore(StateStore):
+class RedisStore(RegistryRedis, StateStore):
     """Tenant state in Redis, shared by every MTA of a fleet (see the module docstring).
 
     Args:
@@ -195,6 +196,7 @@ class RedisStore(StateStore):
         self._observe: Script = client.register_script(OBSERVE_LUA)
         self._snapshot: Script = client.register_script(SNAPSHOT_LUA)
         self._commit: Script = client.register_script(COMMIT_LUA)
+        self._registry_keys_init()  # the tenant registry: see registry_redis
         self._keys: dict[str, Keys] = {}
         self._known: set[str] = set()
         self._cache: dict[str, tuple[int, TenantState]] = {}

@@ -24,6 +24,7 @@ from domainpolicy._blockstate import (
     TenantState,
 )
 from domainpolicy._errors import InvalidConfiguration, StoreUnavailable
+from domainpolicy._registry import RegistryRecord
 from domainpolicy._stores.base import (
     AuditRecord,
     Mutation,
@@ -42,10 +43,11 @@ from domainpolicy._stores.outbox import (
     check_claim,
     transition_rows,
 )
+from domainpolicy._stores.registry_base import RegistryStore
 
 __all__ = ["SQLITE_SCHEMA_VERSION", "SQLiteStore"]
 
-SQLITE_SCHEMA_VERSION: Final = 1
+SQLITE_SCHEMA_VERSION: Final = 2
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # version 0 -> 1
@@ -63,6 +65,17 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                record TEXT NOT NULL
            )""",
         "CREATE INDEX audit_by_tenant ON audit (tenant, id)",
+    ),
+    # version 1 -> 2: the tenant registry's change log (one row per committed mutation; the
+    # registry's version is the newest row's, read with one primary-key max()).
+    (
+        """CREATE TABLE registry_log (
+               version INTEGER PRIMARY KEY,
+               at REAL NOT NULL,
+               actor TEXT NOT NULL,
+               reason TEXT NOT NULL,
+               record TEXT NOT NULL
+           )""",
     ),
 )
 
@@ -88,7 +101,7 @@ class _CorruptState(StoreUnavailable):
     """One tenant's stored state is corrupt (the store itself still works)."""
 
 
-class SQLiteStore(StateStore):
+class SQLiteStore(RegistryStore, StateStore):
     """State in one SQLite file: the embedded default, safe for several processes on one host.
 
     WAL journal, ``BEGIN IMMEDIATE`` write transactions (so concurrent writers queue on the
@@ -132,6 +145,7 @@ class SQLiteStore(StateStore):
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._registry_init()
         with self._transaction() as db:
             self._migrate(db)
             self._create_outbox(db)
@@ -403,6 +417,55 @@ class SQLiteStore(StateStore):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
         return [tenant for (tenant,) in rows]
+
+    # -- registry ---------------------------------------------------------------
+
+    def _registry_version(self) -> int:
+        db = self._connection()
+        try:
+            (version,) = db.execute("SELECT max(version) FROM registry_log").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return int(version or 0)
+
+    def _registry_records(self, since: int) -> list[RegistryRecord]:
+        db = self._connection()
+        try:
+            rows = db.execute(
+                "SELECT record FROM registry_log WHERE version > ? ORDER BY version", (since,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        try:
+            return [RegistryRecord.from_dict(json.loads(text)) for (text,) in rows]
+        except (ValueError, InvalidConfiguration) as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: corrupt registry: {exc}") from exc
+
+    def _registry_stamp(self, version: int) -> tuple[float, str, str] | None:
+        db = self._connection()
+        try:
+            row = db.execute(
+                "SELECT at, actor, reason FROM registry_log WHERE version = ?", (version,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return None if row is None else (float(row[0]), str(row[1]), str(row[2]))
+
+    def _registry_append(self, expected: int, record: RegistryRecord) -> bool:
+        text = json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=False)
+        with self._transaction() as db:
+            try:
+                (version,) = db.execute("SELECT max(version) FROM registry_log").fetchone()
+                if int(version or 0) != expected:
+                    return False
+                db.execute(
+                    "INSERT INTO registry_log (version, at, actor, reason, record) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (record.version, record.at, record.actor, record.reason, text),
+                )
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return True
 
     def close(self) -> None:
         self._closed = True

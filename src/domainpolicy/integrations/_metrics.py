@@ -161,6 +161,9 @@ class PolicyMetrics:
         self._bucket_counts = [0] * (len(self.buckets) + 1)
         self.latency_sum = 0.0
         self._registry: CollectorRegistry | None = None
+        # The tenant registry the decisions follow: () -> (version, stale seconds); None when
+        # the policy follows no registry (then the two gauges are not exported).
+        self.tenant_registry: Callable[[], tuple[int | None, float]] | None = None
 
     def observe(self, action: str, seconds: float) -> None:
         """Count one answered request with its *action* text and handling latency."""
@@ -312,6 +315,20 @@ class _Collector:
             buckets=buckets,
             sum_value=m.latency_sum,
         )
+        if m.tenant_registry is not None:
+            version, stale = m.tenant_registry()
+            if version is not None:
+                yield GaugeMetricFamily(
+                    f"{p}_registry_version",
+                    "Version of the tenant registry decisions are made with.",
+                    value=version,
+                )
+                yield GaugeMetricFamily(
+                    f"{p}_registry_stale_seconds",
+                    "Seconds the tenant registry has not been refreshed because the store "
+                    "failed (0: fresh).",
+                    value=stale,
+                )
 
 
 class MetricsEndpoint:
