@@ -82,11 +82,13 @@ def build_controller(
         InvalidConfiguration: the configuration file is invalid.
         StoreUnavailable: the configured store cannot be opened.
     """
-    policy = load_config(config_path).build_policy()
+    config = load_config(config_path)
+    policy = config.build_policy()
     handler = PolicyHandler(
         policy,
         check_at="rcpt" if check_at == "rcpt" else "mail",
         relay=forwarder(*downstream),
+        alerts=config.alerts,  # [alerts]: deliver the outbox's notices from this process
     )
     return Controller(handler, hostname=listen[0], port=listen[1])
 
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         pass
     finally:
         controller.stop()
+        controller.handler.close()
 
 
 if __name__ == "__main__":

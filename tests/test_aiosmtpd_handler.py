@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import ipaddress
+import logging
 import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ from domainpolicy import (
     MemoryStore,
     StoreUnavailable,
 )
+from domainpolicy._alerts import AlertsConfig, LogSink
 from domainpolicy._blockstate import BlockMachine, Effects, State, TenantState
 from domainpolicy._config import load_config
 from domainpolicy._policy import Decision, RelayPolicy, RelayRequest
@@ -810,3 +813,48 @@ def test_example_relay_forwards_accepted_mail_downstream() -> None:
     sender, recipients, content = sink.messages[0]
     assert (sender, recipients) == ("alice@fabrikam.com", ["bob@dest.example"])
     assert content.endswith(MESSAGE)
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def test_handler_with_alerts_delivers_the_block_notice(caplog: pytest.LogCaptureFixture) -> None:
+    """With ``alerts``, the handler runs the delivery worker: the block reached over SMTP is
+    delivered to the sinks once, outside the SMTP path; ``close`` stops the worker."""
+    store = MemoryStore()
+    policy = fabrikam_policy(store=store)
+    alerts = AlertsConfig(sinks={"log": LogSink(name="log")}, poll_interval=0.05)
+    handler = PolicyHandler(policy, alerts=alerts)
+    worker = handler.alert_worker
+    assert worker is not None
+    try:
+        with (
+            caplog.at_level(logging.WARNING, logger="domainpolicy.alerts"),
+            serving(handler) as port,
+            client(port) as smtp,
+        ):
+            for number in range(3):
+                smtp.sendmail(f"spam{number}@spam.example", ["victim@dest.example"], MESSAGE)
+            with pytest.raises(smtplib.SMTPSenderRefused):
+                smtp.sendmail("spam9@spam.example", ["victim@dest.example"], MESSAGE)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                rows = [r for r in store.alert_rows() if r.kind == "blocked"]
+                if rows and rows[0].status == "delivered":
+                    break
+                time.sleep(0.05)
+        (row,) = [r for r in store.alert_rows() if r.kind == "blocked"]
+        assert (row.tenant, row.sink, row.status) == ("fabrikam", "log", "delivered")
+        lines = [r.getMessage() for r in caplog.records if "kind=blocked" in r.getMessage()]
+        assert len(lines) == 1
+        assert "tenant=fabrikam" in lines[0]
+    finally:
+        handler.close()
+    assert handler.alert_worker is None
+    assert not any(t.name == "domainpolicy-alerts" and t.is_alive() for t in threading.enumerate())
+
+
+def test_handler_refuses_alerts_that_are_not_a_configuration() -> None:
+    """``alerts`` must be an AlertsConfig: anything else is one InvalidConfiguration."""
+    with pytest.raises(InvalidConfiguration, match="must be an AlertsConfig"):
+        PolicyHandler(fabrikam_policy(), alerts={"sinks": {}})  # type: ignore[arg-type]

@@ -7,6 +7,17 @@ private (``domainpolicy._names`` and so on); ``domainpolicy.testing`` (hypothesi
 
 from __future__ import annotations
 
+from ._alerts import (
+    AlertsConfig,
+    AlertWorker,
+    DeliveryReport,
+    LogSink,
+    SmtpSink,
+    TenantContacts,
+    WebhookSink,
+)
+from ._alerts.notice import SIGNATURE_HEADER
+from ._alerts.notice import verify as verify_webhook
 from ._blockstate import (
     STATE_SCHEMA_VERSION,
     TRANSITIONS,
@@ -189,4 +200,14 @@ __all__ = [
     "SQLiteStore",
     "StateStore",
     "open_store",
+    # alerts: the outbox's delivery worker and its sinks
+    "AlertWorker",
+    "AlertsConfig",
+    "DeliveryReport",
+    "LogSink",
+    "SmtpSink",
+    "TenantContacts",
+    "WebhookSink",
+    "SIGNATURE_HEADER",
+    "verify_webhook",
 ]

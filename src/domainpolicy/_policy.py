@@ -748,6 +748,11 @@ class RelayPolicy:
             self._alert(effects)
         return state
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock the policy stamps decisions and transitions with (default: the store's)."""
+        return self._clock
+
     def status(
         self, tenant: str, *, history: int | None = 50, now: float | None = None
     ) -> TenantStatus:

@@ -72,6 +72,8 @@ from typing import Any, Final, Literal, TypeAlias
 
 import attrs
 
+from domainpolicy._alerts.sinks import AlertsConfig
+from domainpolicy._alerts.worker import AlertWorker
 from domainpolicy._errors import InvalidAddress, InvalidConfiguration, shown
 from domainpolicy._names import parse_address
 from domainpolicy._policy import ACCEPTED_REPLY, Decision, Outcome, RelayPolicy, RelayRequest
@@ -230,6 +232,9 @@ class PolicyHandler:
             (sync or async; see `RelayCallable`).  None: accept and drop the content.
         on_decision: called with each `RelayRequest` and its `Decision` (metrics, tests);
             exceptions it raises are logged and ignored.
+        alerts: the ``[alerts]`` configuration (`PolicyConfig.alerts`): when given, the
+            handler starts an `AlertWorker` on the policy's store (a daemon thread, never in
+            the SMTP path), which delivers the outbox's alerts to the sinks; `close` stops it.
 
     Raises:
         InvalidConfiguration: an argument is of the wrong type or value, or *check_at* is
@@ -243,6 +248,7 @@ class PolicyHandler:
         check_at: Literal["mail", "rcpt"] = "mail",
         relay: RelayCallable | None = None,
         on_decision: Callable[[RelayRequest, Decision], None] | None = None,
+        alerts: AlertsConfig | None = None,
     ) -> None:
         problems = []
         given: dict[str, object] = {
@@ -250,6 +256,7 @@ class PolicyHandler:
             "check_at": check_at,
             "relay": relay,
             "on_decision": on_decision,
+            "alerts": alerts,
         }
         if not isinstance(given["policy"], RelayPolicy):
             problems.append(f"policy={shown(policy)}: must be a RelayPolicy")
@@ -264,6 +271,8 @@ class PolicyHandler:
             problems.append(f"relay={shown(relay)}: must be callable or None")
         if on_decision is not None and not callable(given["on_decision"]):
             problems.append(f"on_decision={shown(on_decision)}: must be callable or None")
+        if alerts is not None and not isinstance(given["alerts"], AlertsConfig):
+            problems.append(f"alerts={shown(alerts)}: must be an AlertsConfig or None")
         if problems:
             raise InvalidConfiguration(problems, source="PolicyHandler")
         self.policy = policy
@@ -273,6 +282,18 @@ class PolicyHandler:
         self._messages: weakref.WeakKeyDictionary[Any, _Message] = weakref.WeakKeyDictionary()
         self._ids = itertools.count(1)
         self._id_prefix = f"aiosmtpd-{os.getpid()}-"
+        self.alert_worker: AlertWorker | None = None
+        if alerts is not None:
+            self.alert_worker = AlertWorker(
+                policy.store, alerts, policy=policy.machine.policy, clock=policy.clock
+            )
+            self.alert_worker.start()
+
+    def close(self) -> None:
+        """Stop the alert delivery worker, if any (after its current delivery)."""
+        if self.alert_worker is not None:
+            self.alert_worker.stop()
+            self.alert_worker = None
 
     # ------------------------------------------------------------------ aiosmtpd hooks
 
