@@ -439,8 +439,8 @@ def _status_text(status: TenantStatus, now: float) -> str:
         lines.append(f"  accepted domains: {domains}")
     else:
         lines.append(
-            f"  accepted domains (registry version {status.registry_version}): "
-            + ("" if status.accepted_domains else "(none)")
+            f"  accepted domains (registry version {status.registry_version}):"
+            + ("" if status.accepted_domains else " (none)")
         )
         for entry in status.accepted_domains:
             lines.append(f"    {_domain_text(entry)}{_added(status, entry.domain)}")

@@ -84,6 +84,16 @@ class _BadEvent(ValueError):
     pass
 
 
+def _first_time(handle: Any) -> float:
+    """The ``at`` of the log's first line, read without consuming it (0 when it cannot be)."""
+    try:
+        head = handle.peek(65536)
+        first = bytes(head).split(b"\n", 1)[0]
+        return _time(json.loads(first).get("at"))
+    except (AttributeError, OSError, ValueError, _BadEvent):
+        return 0.0
+
+
 def _time(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -441,8 +451,10 @@ def _run_with(
     else:
         store = open_store(url)
     try:
-        # The store's tenant registry, seeded from the configuration when empty: the replay's
+        # The store's tenant registry, seeded from the configuration when empty (at the time of
+        # the log's first event, so that the output stays deterministic): the replay's
         # register-domain events change it, as the tenant commands do.
+        clock[0] = _first_time(handle)
         policy = policy_from_config(config, store, clock=lambda: clock[0])
         code = _replay(args, out, policy, clock, handle, total)
     finally:
