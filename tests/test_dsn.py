@@ -439,3 +439,150 @@ def test_any_valid_addresses_round_trip(rcpts: list[str], sender: str) -> None:
         assert (
             parsed["To"].addresses[0].addr_spec.lower().endswith(str(parse_address(sender).domain))
         )
+
+
+# --------------------------------------------------------------------------- hostile originals
+
+
+def original_with(*lines: bytes, body: bytes = b"body\r\n") -> bytes:
+    """An original with Return-Path <a@example.com>, the given header lines and *body*."""
+    header = b"".join(line + b"\r\n" for line in lines)
+    return b"Return-Path: <a@example.com>\r\n" + header + b"\r\n" + body
+
+
+def report(original: bytes, **kwargs: object) -> tuple[EmailMessage, bytes]:
+    """The report for *original* and its serialisation."""
+    msg = make(original, None, None, **kwargs)
+    assert msg is not None
+    return msg, msg.as_bytes()
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (b"=?bogus?q?=0D=0AX-Injected:_1?=", "Undeliverable: X-Injected: 1"),
+        (
+            b"=?utf-8?q?=FF?= =?utf-8?q?=0D=0ABcc:_evil@x.example?=",
+            "Undeliverable: \ufffd Bcc: evil@x.example",
+        ),
+        (b"=?utf-8?q?=0D=0ABcc:_evil@x.example?=", "Undeliverable: Bcc: evil@x.example"),
+        (b"=?utf-8?b?DQpYLUluamVjdGVkOiAx?=", "Undeliverable: X-Injected: 1"),
+        (b"=?utf-8?b?a?=", "Undeliverable message"),
+        (b"=?utf-8?q?=C3=BC=FF?=", "Undeliverable: \xfc\ufffd"),
+    ],
+)
+def test_issue_repros_subject_cannot_add_headers_and_always_serialises(
+    subject: bytes, expected: str
+) -> None:
+    """The issue's Subjects (CR LF behind an unknown charset or bad UTF-8, malformed base64,
+    unencodable text) stay inside one Subject of a report that serialises and parses."""
+    msg, data = report(original_with(b"Subject: " + subject))
+    assert_shape(data)
+    assert b"\r\nX-Injected:" not in data
+    assert b"\r\nBcc:" not in data
+    assert msg["Subject"] == expected
+    assert BytesParser(policy=policy.default).parsebytes(data)["Subject"] == expected
+
+
+@pytest.mark.parametrize(
+    ("subject", "expected"),
+    [
+        (b"Quarterly report", "Quarterly report"),
+        (b"=?iso-8859-1?q?caf=E9?=", "caf\xe9"),
+        (b"=?ISO-2022-JP?B?GyRCRnxLXDhsGyhC?=", "日本語"),
+        (b"=?shift_jis?b?k/qWe4zq?=", "日本語"),
+        (b"=?utf-8?b?5pel5pys?=\r\n =?utf-8?b?6Kqe?=", "日本語"),  # space between words dropped
+        (b"a =?utf-8?q?b?= c", "a b c"),
+        (b"x=?utf-8?q?y?=z", "xyz"),  # decoded inside a word, as MUAs do
+        (b"=?utf-8*ja?q?hi?=", "hi"),  # RFC 2231 language suffix
+        (b"=?x-unknown?q?caf=C3=A9?=", "caf\xe9"),  # unknown charset: read as UTF-8
+        (b"=?idna?q?xn--bcher-kva?=", "xn--bcher-kva"),  # not a character set: UTF-8
+        (b"=?rot13?q?uryyb?=", "uryyb"),
+        (b"=?" + b"a" * 100 + b"?q?hi?=", "hi"),
+        (b"=?utf-8?q?=0?=", "=0"),  # malformed escape kept
+        (b"=?utf-8?b?5pel5pys6K?=", "日本\ufffd"),  # missing padding, cut character
+        (b"=?utf-8?b?5p*el!5pys?=", "日本"),  # junk in base64 ignored
+        (b"=?utf-7?q?+2D0-?=", "\ufffd"),  # a lone surrogate from a codec
+        (b"=?utf-8?q?a=00b=09c?=", "a b c"),  # controls become spaces
+        (b"=?utf-8?q?a=E2=80=A8b=C2=85c?=", "a b c"),  # so do line separators
+        (b"caf\xc3\xa9", "caf\xe9"),  # raw UTF-8 (RFC 6532)
+        (b"caf\xe9", "caf\ufffd"),  # raw 8-bit that is not UTF-8
+        (b"=?utf-8?b?5pel5pys6Kqe?", "=?utf-8?b?5pel5pys6Kqe?"),  # not an encoded-word
+        (  # an encoded-word whose text looks like one is decoded once, never twice
+            b"=?utf-8?q?=3D=3Fbogus=3Fq=3F=3D0D=3D0AX-Injected:=5F1=3F=3D?=",
+            "=?bogus?q?=0D=0AX-Injected:_1?=",
+        ),
+        (b"  ", None),
+    ],
+)
+@pytest.mark.parametrize("return_content", ["headers", "full", "none"])
+def test_subject_is_decoded_leniently_and_encoded_again(
+    subject: bytes, expected: str | None, return_content: str
+) -> None:
+    """The original's Subject is decoded (any known charset, leniently) into one line without
+    controls, and the report's Subject decodes back to exactly that under the stdlib."""
+    msg, data = report(original_with(b"Subject: " + subject), return_content=return_content)
+    want = f"Undeliverable: {expected}" if expected is not None else "Undeliverable message"
+    parsed = BytesParser(policy=policy.default).parsebytes(data)
+    assert set(parsed.keys()) == _TOP
+    assert msg["Subject"] == want
+    assert parsed["Subject"] == want
+    top = data.split(b"\r\n\r\n", 1)[0]
+    assert all(32 <= byte < 127 or byte > 127 or byte in b"\r\n" for byte in top)
+
+
+def test_subject_encoded_words_are_bounded_and_ascii_without_smtputf8() -> None:
+    """Non-ASCII or over-long words go out as encoded-words of at most 75 characters."""
+    subject = "日本語の件名 " * 40 + "x" * 120
+    msg, data = report(original_with(b"Subject: " + subject.encode()), return_content="none")
+    top = data.split(b"\r\n\r\n", 1)[0]
+    assert top.isascii()
+    for word in top.split():
+        if word.startswith(b"=?"):
+            assert len(word) <= 75
+    parsed = BytesParser(policy=policy.default).parsebytes(data)
+    assert parsed["Subject"] == msg["Subject"] == ("Undeliverable: " + subject)[:215].strip()
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        b"=?utf-8?b?a?=",
+        b"=?utf-8?q?a@example.com?=",  # no encoded-word in an address (RFC 2047 section 5)
+        b"<caf\xe9@example.com>",
+        b"<a@exa\x00mple.com>",
+        b"<a@example.com" + b"x" * 100_000 + b">",
+    ],
+)
+def test_malformed_return_path_raises_invalid_dsn(sender: bytes) -> None:
+    """A Return-Path that is not a path raises InvalidDsn, never a stray exception."""
+    with pytest.raises(InvalidDsn, match="Return-Path") as info:
+        make(b"Return-Path: " + sender + b"\r\nSubject: x\r\n\r\nbody")
+    assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize("return_content", ["headers", "full"])
+@pytest.mark.parametrize("utf8", [False, True])
+def test_returned_headers_are_raw_and_keep_their_lines(return_content: str, utf8: bool) -> None:
+    """Every header of the original is returned raw (encoded-words undecoded), and controls
+    the stdlib generator would split lines at become spaces: no header is added to the copy."""
+    lines = [
+        b"Subject: " + ("日本" if utf8 else "plain").encode(),
+        b"X-Encoded: =?bogus?q?=0D=0AX-Injected:_1?=",
+        b"X-Controls: a\x0bb\x0cBcc: evil@x.example\x1cc\x1dd\x1ee\x00f",
+    ]
+    _, data = report(original_with(*lines), return_content=return_content)
+    parsed, _ = parse(data)
+    assert set(parsed.keys()) == _TOP
+    returned = parts_of(parsed)[2]
+    if returned.get_content_type() == "text/rfc822-headers":
+        copy = HeaderParser(policy=policy.default).parsestr(returned.get_content())
+    else:
+        copy = parts_of(returned)[0]
+    assert list(copy.keys()) == ["Return-Path", "Subject", "X-Encoded", "X-Controls"]
+    assert b"\r\nX-Encoded: =?bogus?q?=0D=0AX-Injected:_1?=\r\n" in data
+    assert b"\r\nX-Controls: a b Bcc: evil@x.example c d e\x00f\r\n" in data
+    if return_content == "full":
+        body = copy.get_payload()
+        assert isinstance(body, str)
+        assert body.replace("\r\n", "\n") == "body\n"
