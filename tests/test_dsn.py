@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 from email import policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser, HeaderParser
@@ -316,6 +317,48 @@ def test_default_message_id_and_date_are_fresh() -> None:
 def test_no_report_about_a_report(original: bytes) -> None:
     """Null senders, Auto-Submitted other than 'no' and delivery reports get None, not a DSN."""
     assert make(original) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "reported"),
+    [
+        (b"Auto-Submitted: no (a human (really)) ; x=1", True),
+        (b"Auto-Submitted: (no) auto-generated", False),
+        (b"Auto-Submitted: no (a \\) b)", True),
+        (b"Auto-Submitted: (unclosed no", False),
+        (b'Content-Type: multipart/report; x=";"; report-type="delivery-status"', False),
+        (b'Content-Type: multipart/report; x="\\";report-type=a"; boundary=b', True),
+        (b"Content-Type: multipart/report;report-type = Disposition-Notification", False),
+        (b"Content-Type: multipart/report; report-type=delivery-status-x", True),
+        (b"Content-Type: multipart/mixed; report-type=delivery-status", True),
+    ],
+)
+def test_auto_submitted_comments_and_report_type_parameter(header: bytes, reported: bool) -> None:
+    """Comments (nested, quoted-pairs) in Auto-Submitted and quoted Content-Type parameters are
+    read as RFC 5322 and RFC 2045 say."""
+    msg = make(b"Return-Path: <a@example.com>\r\n" + header + b"\r\n\r\nx")
+    assert (msg is not None) is reported
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Auto-Submitted: no " + b"(" * 1_000_000,
+        b'Content-Type: multipart/report; a="' + b";" * 1_000_000,
+        b"Subject: " + b"=?a?q?" * 200_000,
+        b"Subject: " + b"=?" * 500_000,
+        b"Subject: =?utf-8?b?" + b"a" * 1_000_000 + b"?=",
+        b"Subject: " + b"=?utf-8?q?=C3?= " * 70_000,
+    ],
+    ids=["comments", "parameters", "word-starts", "question-marks", "base64", "words"],
+)
+def test_reading_a_hostile_original_takes_linear_time(header: bytes) -> None:
+    """A megabyte header shaped to make comment, parameter or encoded-word parsing quadratic
+    takes well under 10 seconds (the quadratic parsers took many minutes)."""
+    start = time.perf_counter()
+    msg = make(b"Return-Path: <a@example.com>\r\n" + header + b"\r\n\r\nx")
+    assert msg is None or msg.as_bytes()
+    assert time.perf_counter() - start < 10
 
 
 def test_null_envelope_sender_argument_gives_none() -> None:

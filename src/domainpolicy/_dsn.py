@@ -29,7 +29,8 @@ control characters become spaces, and it is encoded again here (encoded-words fo
 words and for any word holding ``=?``) and stored raw, so that no decoder finds in it an
 encoded-word this module did not write.  So no input can add a header line or a MIME part, and
 the report always serialises.  The original's Return-Path must be UTF-8 and parse as a path;
-it is not RFC 2047-decoded (RFC 2047 section 5 allows no encoded-word in an address).
+it is not RFC 2047-decoded (RFC 2047 section 5 allows no encoded-word in an address).  Reading
+the original takes time linear in its size.
 
 Loops: no report is made about a report.  `build_dsn` returns ``None`` (it does not raise) when
 the original's envelope sender is the null path ``<>``, when it carries ``Auto-Submitted`` with any
@@ -309,6 +310,8 @@ def _one_line(text: str) -> str:
 _ENCODED_WORD_RE: Final = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=")
 _NOT_BASE64_RE: Final = re.compile(r"[^A-Za-z0-9+/]+")
 _SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
+_COMMENT_TOKEN_RE: Final = re.compile(r"\\.|[()]|[^\\()]+", re.DOTALL)
+_PARAMETER_TOKEN_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|;|[^";]+', re.DOTALL)
 _LWSP: Final = " \t\r\n"
 # Registered codec names and aliases: only these are looked up (so hostile names cannot grow the
 # codec registry's cache); codecs that are not character sets are refused.
@@ -385,6 +388,38 @@ def _header_text(raw: str) -> str:
     return _one_line(_SURROGATE_RE.sub("\ufffd", "".join(out)))
 
 
+def _without_comments(value: str) -> str:
+    """*value* without RFC 5322 comments (nested, with quoted-pairs), in linear time."""
+    out: list[str] = []
+    depth = 0
+    for token in _COMMENT_TOKEN_RE.findall(value):
+        if token == "(":
+            depth += 1
+        elif token == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(token)
+    return "".join(out)
+
+
+def _parameter(value: str, wanted: str) -> str | None:
+    """The value of parameter *wanted* of a Content-Type value, unquoted, in linear time."""
+    parameters: list[list[str]] = [[]]
+    for token in _PARAMETER_TOKEN_RE.findall(value):
+        if token == ";":
+            parameters.append([])
+        else:
+            parameters[-1].append(token)
+    for tokens in parameters[1:]:
+        name, equals, text = "".join(tokens).partition("=")
+        if equals and name.strip(_LWSP).lower() == wanted:
+            text = text.strip(_LWSP)
+            if text.startswith('"'):
+                text = re.sub(r"\\(.)", r"\1", text[1:].removesuffix('"'), flags=re.DOTALL)
+            return text
+    return None
+
+
 def _unitext(text: str) -> str:
     """RFC 6533 utf-8-addr-unitext: QCHAR and non-ASCII as is, everything else as ``\\x{HH}``."""
     return "".join(
@@ -459,24 +494,24 @@ def _read_original(original: object) -> _Original:
     def get(name: str) -> str | None:
         return raw_values.get(name.lower())
 
-    content_type = (get("Content-Type") or "text/plain").split(";", 1)[0].strip().lower()
-    report_type = parsed.get_param("report-type", header="content-type")
+    content_type = get("Content-Type") or "text/plain"
+    report_type = _parameter(content_type, "report-type")
     return _Original(
         raw=raw,
         headers=headers,
         body=body,
         envelope_sender=get("Return-Path"),
         auto_submitted=get("Auto-Submitted"),
-        content_type=content_type,
-        report_type=report_type.lower() if isinstance(report_type, str) else None,
+        content_type=content_type.split(";", 1)[0].strip(_LWSP).lower(),
+        report_type=report_type.lower() if report_type is not None else None,
         subject=get("Subject"),
     )
 
 
 def _is_automatic(original: _Original) -> bool:
     if original.auto_submitted is not None:
-        keyword = re.sub(r"\([^)]*\)", "", original.auto_submitted).split(";", 1)[0].strip().lower()
-        if keyword != "no":
+        keyword = _without_comments(original.auto_submitted).split(";", 1)[0]
+        if keyword.strip(_LWSP).lower() != "no":
             return True
     return original.content_type == "multipart/report" and original.report_type in _REPORT_TYPES
 
