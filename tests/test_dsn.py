@@ -629,3 +629,55 @@ def test_returned_headers_are_raw_and_keep_their_lines(return_content: str, utf8
         body = copy.get_payload()
         assert isinstance(body, str)
         assert body.replace("\r\n", "\n") == "body\n"
+
+
+def longest_line(data: bytes) -> int:
+    """The length in octets of the longest CRLF-terminated line of *data*."""
+    return max(len(line) for line in data.split(b"\r\n"))
+
+
+@pytest.mark.parametrize("return_content", ["headers", "full"])
+def test_over_long_header_lines_are_folded_at_white_space(return_content: str) -> None:
+    """A header line over 998 octets is folded before a space or tab where one allows it, so
+    that unfolding gives back the value exactly."""
+    value = " ".join(f"word{n}" for n in range(700)) + "\t" + "x" * 900 + " tail"
+    _, data = report(original_with(b"X-Long: " + value.encode()), return_content=return_content)
+    assert longest_line(data) <= 998
+    folded = data.split(b"X-Long: ", 1)[1].split(b"\r\n\r\n", 1)[0]
+    lines = folded.split(b"\r\n")
+    assert all(line[:1] in (b" ", b"\t") for line in lines[1:] if line)
+    unfolded = folded.replace(b"\r\n", b"")
+    assert unfolded == value.encode()
+
+
+@pytest.mark.parametrize(
+    ("line", "return_content"),
+    [
+        (b"X-Long: " + b"a" * 5000, "headers"),
+        (b"X-Long: " + b"a" * 5000, "full"),
+        (b"X-Long: " + "é".encode() * 2000, "headers"),
+        (b"X-Long: " + "é".encode() * 2000, "full"),
+        (b"X-Long: " + b"\xe9" * 2000, "full"),  # each octet becomes U+FFFD: 3 octets
+        (b"X-Long:" + b" " * 3000 + b"x", "headers"),
+    ],
+)
+def test_header_lines_without_a_fold_point_are_broken(line: bytes, return_content: str) -> None:
+    """With no white space to fold at, CRLF and a space are inserted (as Postfix's
+    smtp_line_length_limit does), never inside a UTF-8 character."""
+    _, data = report(original_with(line), return_content=return_content)
+    assert longest_line(data) <= 998
+    copy = data.split(b"X-Long:", 1)[1].split(b"\r\n\r\n", 1)[0]
+    for piece in copy.split(b"\r\n"):
+        piece.decode("utf-8")  # no character was cut
+    parsed, _ = parse(data)
+    assert set(parsed.keys()) == _TOP
+    assert len(parts_of(parsed)) == 3
+
+
+def test_over_long_body_lines_of_a_full_return_are_broken() -> None:
+    """With return_content='full', body lines over 998 octets are broken too."""
+    body = b"b" * 5000 + b"\r\n" + b"short\r\n" + b"c " * 2000 + b"\r\n"
+    _, data = report(original_with(b"Subject: x", body=body), return_content="full")
+    assert longest_line(data) <= 998
+    assert b"\r\nshort\r\n" in data
+    assert data.count(b"b") >= 5000

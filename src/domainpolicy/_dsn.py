@@ -17,9 +17,11 @@ policy is ``email.policy.SMTPUTF8`` so that no address is ever RFC 2047-encoded.
 policy is ``email.policy.SMTP``.  Both clones have ``refold_source="none"``.
 
 The original's headers are returned as received (kept raw by a ``compat32`` parse, never decoded
-or refolded by the stdlib), with two exceptions: in the global form malformed UTF-8 becomes
-U+FFFD, and the controls VT, FF, FS, GS and RS, which Python's email generator takes for line
-ends, become spaces.
+or refolded by the stdlib), with three exceptions: in the global form malformed UTF-8 becomes
+U+FFFD; the controls VT, FF, FS, GS and RS, which Python's email generator takes for line ends,
+become spaces; and a line longer than RFC 5322's 998 octets is broken as Postfix breaks it
+(``smtp_line_length_limit``), before a space or tab where one allows it (unfolding restores the
+header), else by inserting CRLF and a space.  No line of a report is longer than 998 octets.
 
 Every value that reaches a header of the report has been validated (addresses by
 `parse_address`, the reporting MTA by `normalize_domain`, the reply by `Reply`), except the
@@ -516,19 +518,50 @@ def _is_automatic(original: _Original) -> bool:
     return original.content_type == "multipart/report" and original.report_type in _REPORT_TYPES
 
 
+_LINE_MAX: Final = 998
+_LONG_LINE_RE: Final = re.compile(rb"[^\r\n]{%d}" % (_LINE_MAX + 1))
 # Controls that Python's email generator takes for line ends in a header value (str.splitlines).
 _SPLITLINES_CONTROLS: Final = bytes.maketrans(b"\x0b\x0c\x1c\x1d\x1e", b"     ")
+
+
+def _limited_lines(data: bytes) -> bytes:
+    """*data* (CRLF lines) with every line over 998 octets broken as Postfix breaks them
+    (``smtp_line_length_limit``): by inserting CRLF before a space or tab where one allows it
+    (unfolding restores a header exactly), else CRLF and a space; never inside a UTF-8
+    character."""
+    if not _LONG_LINE_RE.search(data):
+        return data
+    out: list[bytes] = []
+    for whole in data.split(b"\r\n"):
+        line = whole
+        while len(line) > _LINE_MAX:
+            cut = max(line.rfind(b" ", 1, _LINE_MAX + 1), line.rfind(b"\t", 1, _LINE_MAX + 1))
+            while cut > 0 and line[cut - 1] in b" \t":
+                cut -= 1
+            if cut > 0:
+                out.append(line[:cut])
+                line = line[cut:]
+            else:
+                cut = _LINE_MAX
+                for _ in range(3):
+                    if 0x80 <= line[cut] < 0xC0:
+                        cut -= 1
+                out.append(line[:cut])
+                line = b" " + line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)
 
 
 def _returned(source: _Original, return_content: ReturnContent, global_form: bool) -> bytes:
     """The original as part 3 carries it: the header block (``"headers"``, ending with its
     blank line) or the whole message (``"full"``), malformed UTF-8 replaced in global form, the
-    header block without the controls the generator would split lines at."""
+    header block without the controls the generator would split lines at, no line over 998
+    octets."""
     headers = source.headers.translate(_SPLITLINES_CONTROLS)
     data = headers + (b"\r\n" if return_content == "headers" else source.body)
     if global_form:
         data = data.decode("utf-8", "replace").encode("utf-8")
-    return data
+    return _limited_lines(data)
 
 
 # --------------------------------------------------------------------------- the text part
@@ -794,9 +827,10 @@ def build_dsn(
     # -- part 1: the human-readable text
     text = _human_text(template, recipients, reply, values, return_content)
     human = MIMEPart(policy=pol)
-    if text.isascii():
+    fits = all(len(line.encode("utf-8")) <= _LINE_MAX for line in text.split("\n"))
+    if text.isascii() and fits:
         cte = "7bit"
-    elif global_form:
+    elif global_form and fits:
         cte = "8bit"
     else:  # mostly-ASCII text stays readable as quoted-printable
         cte = "quoted-printable" if sum(ord(c) > 127 for c in text) * 10 < len(text) else "base64"
