@@ -7,8 +7,11 @@ review the diff.
 
 from __future__ import annotations
 
+import base64
+import codecs
 import datetime as dt
 import os
+import re
 import time
 from email import policy
 from email.message import EmailMessage, Message
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from domainpolicy import (
@@ -681,3 +684,196 @@ def test_over_long_body_lines_of_a_full_return_are_broken() -> None:
     assert longest_line(data) <= 998
     assert b"\r\nshort\r\n" in data
     assert data.count(b"b") >= 5000
+
+
+# --------------------------------------------------------------------------- fuzz target
+
+_FUZZ_CHARSETS = [
+    "utf-8",
+    "UTF-8",
+    "us-ascii",
+    "iso-8859-1",
+    "iso-2022-jp",
+    "shift_jis",
+    "euc-kr",
+    "gb2312",
+    "koi8-r",
+    "utf-16",
+    "utf-7",
+    "utf-8*en",
+    "x-unknown",
+    "unknown-8bit",
+    "bogus",
+    "",
+    "idna",
+    "punycode",
+    "base64",
+    "rot13",
+    "unicode_escape",
+    "a" * 80,
+]
+_FUZZ_NASTY = [
+    b"\r",
+    b"\n",
+    b"\r\n",
+    b"\r\n ",
+    b"\r\n\r\n",
+    b"\x00",
+    b"\r\nBcc: evil@x.example",
+    b"\nX-Injected: 1\r\n",
+    b"\x0b\x0c\x1c\x1d\x1e\x7f",
+    "\u2028\x85\u2029".encode(),
+    b"\xc2\x85",
+    b"\xff\xfe",
+    b"=?",
+    b"?=",
+    b" ",
+    b"\t",
+    b"(",
+    b")",
+    b";",
+    b'"',
+    b"\\",
+]
+_FUZZ_PAYLOADS = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(
+        ["\r\nBcc: evil@x.example", "\r\n\r\n", "\x00", "=?utf-8?q?=0D=0A?=", "\u2028"]
+    ),
+)
+
+
+def _q_encode(octets: bytes) -> str:
+    safe = set(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    return "".join(chr(b) if b in safe else f"={b:02X}" for b in octets)
+
+
+@st.composite
+def encoded_words(draw: st.DrawFn) -> bytes:
+    """An RFC 2047 encoded-word of any charset and encoding: well-formed around hostile text
+    (CR LF, NUL, encoded-word lookalikes), around raw octets (invalid in its charset), or junk."""
+    charset = draw(st.sampled_from(_FUZZ_CHARSETS))
+    encoding = draw(st.sampled_from("bBqQ"))
+    form = draw(st.sampled_from(["text", "octets", "junk"]))
+    if form == "junk":
+        encoded = draw(st.text(alphabet="ABCabc019+/=_-?!*. \t\u00e9", max_size=40))
+    else:
+        if form == "text":
+            text = draw(_FUZZ_PAYLOADS)
+            try:
+                octets = text.encode(codecs.lookup(charset.partition("*")[0]).name)
+            except (LookupError, UnicodeError, ValueError, TypeError):
+                octets = text.encode("utf-8", "surrogatepass")
+        else:
+            octets = draw(st.binary(max_size=30))
+        if encoding in "bB":
+            encoded = base64.b64encode(octets).decode("ascii")
+            if draw(st.booleans()):  # malformed: cut or padding lost
+                encoded = encoded[: draw(st.integers(0, len(encoded)))]
+        else:
+            encoded = _q_encode(octets)
+    return f"=?{charset}?{encoding}?{encoded}?=".encode("utf-8", "surrogatepass")
+
+
+def _long(piece: bytes, count: int) -> bytes:
+    return piece * count
+
+
+_FRAGMENTS = st.one_of(
+    encoded_words(),
+    st.binary(max_size=30),
+    st.sampled_from(_FUZZ_NASTY),
+    st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.builds(
+        _long,
+        st.sampled_from([b"x", b"x ", "é".encode(), "日".encode(), b"\xe9", b"=?", b"\t"]),
+        st.integers(300, 2500),
+    ),
+)
+_HEADER_VALUES = st.lists(_FRAGMENTS, max_size=6).map(b"".join)
+_HEADER_NAMES = st.sampled_from(
+    ["Subject"] * 4
+    + ["X-Test", "From", "To", "Received", "Message-ID", "Content-Transfer-Encoding"]
+    + ["Content-Type", "Auto-Submitted", "Return-Path", "Bcc", "Subject "]
+)
+_SENDER = b"Return-Path: <a@example.com>\r\n"
+
+
+@st.composite
+def hostile_originals(draw: st.DrawFn) -> bytes:
+    """An original with a valid Return-Path (mostly) and hostile header lines and body:
+    encoded-words of every charset, encoding and validity, raw 8-bit, CR/LF/NUL anywhere,
+    over-long lines."""
+    sender = _SENDER if draw(st.integers(0, 9)) else b"Return-Path: " + draw(_HEADER_VALUES)
+    lines = draw(
+        st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES), min_size=1, max_size=5).map(
+            lambda items: b"".join(name.encode() + b": " + value + b"\r\n" for name, value in items)
+        )
+    )
+    body = draw(st.lists(_FRAGMENTS, max_size=4).map(b"".join))
+    return sender + lines + b"\r\n" + body
+
+
+_PART_HEADERS = [
+    {"Content-Type", "Content-Transfer-Encoding", "Content-Language"},
+    {"Content-Type"},
+]
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+@pytest.mark.fuzz
+@given(
+    hostile_originals(),
+    st.sampled_from(["headers", "full", "none"]),
+    st.sampled_from(dsn_languages()),
+    st.booleans(),
+)
+def test_fuzz_hostile_headers_never_add_headers_or_long_lines(
+    original: bytes, return_content: str, language: str, utf8_recipient: bool
+) -> None:
+    """For any original, in every return_content mode and language, the report serialises,
+    re-parses with the stdlib to exactly the expected headers and parts, has a Subject without
+    controls, and no line over 998 octets; the only error is InvalidDsn for a bad Return-Path."""
+    recipient = "花子@例え.jp" if utf8_recipient else "bob@example.org"
+    try:
+        msg = make(original, [recipient], language=language, return_content=return_content)
+    except InvalidDsn:
+        assert not original.startswith(_SENDER)
+        event("InvalidDsn")
+        return
+    if msg is None:  # Auto-Submitted or a multipart/report original: no report, by design
+        event("no report")
+        return
+    event(f"report, {return_content}")
+    data = msg.as_bytes()
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert longest_line(data) <= 998
+    parsed, blocks = parse(data)
+    assert set(parsed.keys()) == _TOP
+    assert not parsed.defects
+    subject = parsed["Subject"]
+    assert subject == msg["Subject"]
+    assert not _CONTROLS.search(subject)
+    assert subject.startswith({"en": "Undeliverable", "ja": "配信不能"}.get(language, ""))
+    assert len(blocks) == 2
+    assert set(blocks[0]) == {"Reporting-MTA", "Arrival-Date"}
+    assert set(blocks[1]) == {
+        "Final-Recipient",
+        "Action",
+        "Status",
+        "Diagnostic-Code",
+        "Last-Attempt-Date",
+    }
+    parts = parts_of(parsed)
+    global_form = parsed["Content-Type"].params["report-type"] == "global-delivery-status"
+    returned = {
+        "headers": ["message/global-headers" if global_form else "text/rfc822-headers"],
+        "full": ["message/global" if global_form else "message/rfc822"],
+        "none": [],
+    }[return_content]
+    status = "message/global-delivery-status" if global_form else "message/delivery-status"
+    assert [part.get_content_type() for part in parts] == ["text/plain", status, *returned]
+    assert [set(part.keys()) for part in parts[:2]] == _PART_HEADERS
+    for part in parts[2:]:
+        assert set(part.keys()) <= {"Content-Type", "Content-Transfer-Encoding"}
