@@ -184,3 +184,96 @@ def test_bad_pinned_certificates_are_reported_with_their_key(tmp_path: Path) -> 
     assert "postfix.pinned_certificates.'not-hex':" in text
     assert "postfix.pinned_certificates.'AABB': the certificate name" in text
     assert "postfix.extra:" in text
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def problems_of(tmp_path: Path, content: bytes | str) -> list[str]:
+    """The problems load_config reports for a file with *content*."""
+    path = tmp_path / "c.toml"
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(InvalidConfiguration) as info:
+        load_config(path)
+    assert len(str(info.value)) < 20_000
+    assert all(len(problem) <= 1100 for problem in info.value.problems)
+    return list(info.value.problems)
+
+
+HUGE = "x" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        (f'[relay]\nnull_sender = "{HUGE}"\n', "relay.null_sender: 'xxxx"),
+        (f'"{HUGE}" = 1\n', "'xxxx"),
+        (f'[relay]\n"{HUGE}" = 1\n', "relay.'xxxx"),
+        (f'[tenants."{HUGE}"]\ndomains = ["a.example", 7]\n', "tenants.'xxxx"),
+        (f'[tenants.a]\n"{HUGE}" = 1\n', "tenants.a.'xxxx"),
+        (f'[tenants.a]\ndomains = [{{ domain = "a.example", type = "{HUGE}" }}]\n', "type"),
+        (f'[policy]\n"{HUGE}" = 1\n', "policy.'xxxx"),
+        (f'[replies.texts]\n"{HUGE}" = "x"\n', "replies: texts.'xxxx"),
+        (f'[replies.tenants."{HUGE}"]\nBAD_SENDER = 5\n', "replies: tenants.'xxxx"),
+        (f'[postfix]\n"{HUGE}" = 1\n', "postfix.'xxxx"),
+        (f'[postfix.pinned_certificates]\n"{HUGE}" = "a.example"\n', "postfix.pinned"),
+        (f'domains_file = "{HUGE[:100_000]}"\n', "domains_file: cannot read"),
+        (
+            f'[tenants.a]\ndomains = ["a.example"]\n[[connectors]]\nname = "c"\ntenant = "a"\n'
+            f'sender_ip_ranges = ["{HUGE}"]\ncreated_at = "{HUGE}"\n',
+            "connectors[0].sender_ip_ranges[0]: 'xxxx",
+        ),
+    ],
+    ids=[
+        "relay-value",
+        "top-key",
+        "relay-key",
+        "tenant-name",
+        "tenant-key",
+        "domain-type",
+        "policy-key",
+        "reply-code",
+        "reply-tenant",
+        "postfix-key",
+        "fingerprint",
+        "domains-file",
+        "ip-range-and-date",
+    ],
+)
+def test_huge_values_and_keys_are_shown_truncated(tmp_path: Path, content: str, where: str) -> None:
+    """A 10 MB value or key is named in the error truncated, with its length, never whole."""
+    problems = problems_of(tmp_path, content)
+    assert any(problem.startswith(where) or where in problem for problem in problems), problems
+    assert any("characters" in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    "content",
+    [f'[relay]\nnull_sender = "{"x" * 10_000_000}"\n', f'"{"k" * 10_000_000}" = 1\n'],
+    ids=["null-sender", "unknown-key"],
+)
+def test_issue_repro_ten_megabyte_values_give_short_errors(tmp_path: Path, content: str) -> None:
+    """The issue's 10 MB [relay] null_sender and 10 MB unknown key give a short error."""
+    (problem,) = problems_of(tmp_path, content)
+    assert len(problem) < 300
+    assert "(10000000 characters)" in problem
+
+
+def test_keys_with_line_breaks_stay_on_their_line(tmp_path: Path) -> None:
+    """Keys holding CR, LF or other line separators are shown as repr, so each problem is one
+    line."""
+    problems = problems_of(
+        tmp_path, '"a\\nb" = 1\n[tenants."t\\r\\nx"]\ndomains = [5]\n"\\u2028" = 2\n'
+    )
+    assert problems
+    assert all(len(problem.splitlines()) == 1 for problem in problems), problems
+
+
+def test_at_most_a_hundred_problems_are_listed(tmp_path: Path) -> None:
+    """A file with 100,000 problems lists 100 and says how many more there are."""
+    problems = problems_of(tmp_path, "".join(f"k{n} = 1\n" for n in range(100_000)))
+    assert len(problems) == 101
+    assert problems[-1] == "... and 99900 more problems"

@@ -20,7 +20,7 @@ import attrs
 
 from ._blockstate import BlockPolicy
 from ._connectors import ConnectorTable, InboundConnector
-from ._errors import InvalidConfiguration, InvalidDomain, shown
+from ._errors import InvalidConfiguration, InvalidDomain, shown, shown_key
 from ._matcher import AcceptedDomain, DomainMatcher, DomainType
 from ._names import normalize_domain
 from ._policy import RelayPolicy
@@ -40,6 +40,8 @@ _CONNECTOR_KEYS: Final = frozenset(
 _RELAY_KEYS: Final = frozenset({"null_sender", "count", "fail_open"})
 _TYPES: Final = {t.value: t for t in DomainType} | {t.name.lower(): t for t in DomainType}
 _MAX_DOMAINS_LINE: Final = 4096
+_MAX_PROBLEMS: Final = 100  # an error lists at most this many problems, then how many more
+_MAX_PROBLEM: Final = 1000  # characters of one problem (values in it are already truncated)
 
 
 @attrs.frozen
@@ -100,12 +102,34 @@ class PolicyConfig:
 
 
 class _Problems:
+    """Problems found so far: at most `_MAX_PROBLEMS`, each at most `_MAX_PROBLEM` characters,
+    so that an error message stays short whatever the file holds."""
+
     def __init__(self, source: str) -> None:
         self.source = source
         self.items: list[str] = []
+        self.more = 0
 
     def add(self, where: str, message: str) -> None:
-        self.items.append(f"{where}: {message}")
+        if len(self.items) >= _MAX_PROBLEMS:
+            self.more += 1
+            return
+        self.items.append(_clipped(f"{where}: {message}", _MAX_PROBLEM))
+
+    def listed(self) -> list[str]:
+        """The problems, and how many more were found when there are too many to list."""
+        return self.items + ([f"... and {self.more} more problems"] if self.more else [])
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    """*text* (an exception's message, say) cut to *limit* characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _names(keys: list[Any]) -> str:
+    """Unknown keys for a message: the first five, each shown truncated, and how many."""
+    listed = ", ".join(shown(key, 40) for key in keys[:5])
+    return f"[{listed}{f', ... ({len(keys)} in all)' if len(keys) > 5 else ''}]"
 
 
 def _domain_entry(
@@ -118,18 +142,22 @@ def _domain_entry(
         return None
     unknown = sorted(set(value) - _DOMAIN_KEYS)
     if unknown:
-        problems.add(where, f"unknown keys {unknown} (expected {sorted(_DOMAIN_KEYS)})")
+        problems.add(where, f"unknown keys {_names(unknown)} (expected {sorted(_DOMAIN_KEYS)})")
     domain = value.get("domain")
     if not isinstance(domain, str):
-        problems.add(where, "'domain' must be a string")
+        problems.add(where, f"'domain' must be a string, got {shown(domain)}")
         return None
     subdomains = value.get("match_subdomains", False)
     if not isinstance(subdomains, bool):
-        problems.add(where, "'match_subdomains' must be true or false")
+        problems.add(where, f"'match_subdomains' must be true or false, got {shown(subdomains)}")
         return None
-    kind = _TYPES.get(str(value.get("type", "authoritative")).lower())
+    kind_name = value.get("type", "authoritative")
+    kind = _TYPES.get(kind_name.lower()) if isinstance(kind_name, str) else None
     if kind is None:
-        problems.add(where, f"'type' must be one of {sorted(t.value for t in DomainType)}")
+        problems.add(
+            where,
+            f"'type' must be one of {sorted(t.value for t in DomainType)}, got {shown(kind_name)}",
+        )
         return None
     return AcceptedDomain(domain, tenant, kind, subdomains)
 
@@ -150,8 +178,11 @@ def parse_domains_file(
     name = os.fspath(path)
     try:
         handle = open(name, encoding="utf-8")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise InvalidConfiguration([f"cannot read domains file {name!r}: {exc}"]) from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidConfiguration(
+            [f"cannot read domains file {shown(name)}: {_clipped(reason)}"]
+        ) from exc
     with handle:
         try:
             for number, raw in enumerate(handle, 1):
@@ -165,7 +196,7 @@ def parse_domains_file(
                 domain = fields[0].strip()
                 owner = fields[1].strip() if len(fields) > 1 and fields[1].strip() else tenant
                 if owner is None:
-                    yield number, f"{domain!r} has no tenant column"
+                    yield number, f"{shown(domain)} has no tenant column"
                     continue
                 flags = (
                     {f.strip().lower() for f in fields[2].split(",")} if len(fields) > 2 else set()
@@ -174,7 +205,10 @@ def parse_domains_file(
                 kinds = [_TYPES[f] for f in flags if f in _TYPES]
                 unknown = sorted(f for f in flags if f not in _TYPES and f != "subdomains")
                 if unknown or len(kinds) > 1 or len(fields) > 3:
-                    yield number, f"bad flags {fields[2:]!r} (expected subdomains and one type)"
+                    yield (
+                        number,
+                        f"bad flags {shown(fields[2:])} (expected subdomains and one type)",
+                    )
                     continue
                 yield (
                     number,
@@ -186,7 +220,9 @@ def parse_domains_file(
                     ),
                 )
         except UnicodeDecodeError as exc:
-            raise InvalidConfiguration([f"domains file {name!r} is not UTF-8: {exc}"]) from exc
+            raise InvalidConfiguration(
+                [f"domains file {shown(name)} is not UTF-8: {_clipped(str(exc))}"]
+            ) from exc
 
 
 def _datetime(value: object) -> datetime.datetime | None:
@@ -195,7 +231,10 @@ def _datetime(value: object) -> datetime.datetime | None:
     if isinstance(value, datetime.date):
         return datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.UTC)
     if isinstance(value, str):
-        parsed = datetime.datetime.fromisoformat(value)
+        try:
+            parsed = datetime.datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"{shown(value)} is not an ISO 8601 date-time") from exc
         return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
     raise ValueError(f"{shown(value)} is not a date-time")
 
@@ -206,7 +245,7 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
         return None
     unknown = sorted(set(value) - _CONNECTOR_KEYS)
     if unknown:
-        problems.add(where, f"unknown keys {unknown} (expected {sorted(_CONNECTOR_KEYS)})")
+        problems.add(where, f"unknown keys {_names(unknown)} (expected {sorted(_CONNECTOR_KEYS)})")
     name, tenant = value.get("name"), value.get("tenant")
     if not isinstance(name, str) or not name or not isinstance(tenant, str) or not tenant:
         problems.add(where, "'name' and 'tenant' must be non-empty strings")
@@ -221,7 +260,9 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
         try:
             networks.append(ipaddress.ip_network(text, strict=True))
         except (ValueError, TypeError) as exc:
-            problems.add(f"{where}.sender_ip_ranges[{index}]", f"{shown(text)}: {exc}")
+            problems.add(
+                f"{where}.sender_ip_ranges[{index}]", f"{shown(text)}: {_clipped(str(exc))}"
+            )
     try:
         created = _datetime(value["created_at"]) if "created_at" in value else None
     except ValueError as exc:
@@ -229,7 +270,7 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
         created = None
     enabled = value.get("enabled", True)
     if not isinstance(enabled, bool):
-        problems.add(f"{where}.enabled", "must be true or false")
+        problems.add(f"{where}.enabled", f"must be true or false, got {shown(enabled)}")
         enabled = True
     return InboundConnector(
         name=name,
@@ -251,14 +292,14 @@ def _pinned_certificates(table: object, problems: _Problems) -> dict[str, str]:
         problems.add("postfix", "must be a table")
         return {}
     for key in sorted(set(table) - {"pinned_certificates"}):
-        problems.add(f"postfix.{key}", "unknown key (expected pinned_certificates)")
+        problems.add(f"postfix.{shown_key(key)}", "unknown key (expected pinned_certificates)")
     pinned = table.get("pinned_certificates", {})
     if not isinstance(pinned, Mapping):
         problems.add("postfix.pinned_certificates", "must be a table of fingerprint = name")
         return {}
     result: dict[str, str] = {}
     for fingerprint, name in pinned.items():
-        where = f"postfix.pinned_certificates.{fingerprint!r}"
+        where = f"postfix.pinned_certificates.{shown(fingerprint, 40)}"
         if not _FINGERPRINT_RE.fullmatch(fingerprint):
             problems.add(where, "the key must be a hex fingerprint (AB:CD:... or ABCD...)")
             continue
@@ -275,7 +316,8 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
     """Read and check a TOML configuration file.
 
     Raises:
-        InvalidConfiguration: listing every problem with its file and key or line.
+        InvalidConfiguration: listing every problem with its file and key or line (at most
+            100 of them, then how many more), each value shown truncated.
     """
     source = os.fspath(path)
     base = Path(source).resolve().parent
@@ -283,12 +325,15 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         with open(source, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as exc:
-        raise InvalidConfiguration([f"cannot read {source!r}: {exc}"], source=source) from exc
+        reason = exc.strerror or str(exc)
+        raise InvalidConfiguration(
+            [f"cannot read {shown(source)}: {_clipped(reason)}"], source=source
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise InvalidConfiguration([f"not valid TOML: {exc}"], source=source) from exc
     problems = _Problems(source)
     for key in sorted(set(data) - _TOP_KEYS):
-        problems.add(key, f"unknown key (expected one of {sorted(_TOP_KEYS)})")
+        problems.add(shown_key(key), f"unknown key (expected one of {sorted(_TOP_KEYS)})")
 
     # accepted domains, each with where it came from
     entries: list[AcceptedDomain] = []
@@ -314,12 +359,14 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         problems.add("tenants", "must be a table of tenants")
         tenants = {}
     for tenant, table in tenants.items():
-        where = f"tenants.{tenant}"
+        where = f"tenants.{shown_key(tenant)}"
         if not isinstance(table, Mapping):
             problems.add(where, "must be a table")
             continue
         for key in sorted(set(table) - _TENANT_KEYS):
-            problems.add(f"{where}.{key}", f"unknown key (expected {sorted(_TENANT_KEYS)})")
+            problems.add(
+                f"{where}.{shown_key(key)}", f"unknown key (expected {sorted(_TENANT_KEYS)})"
+            )
         domains = table.get("domains", [])
         if not isinstance(domains, list):
             problems.add(f"{where}.domains", "must be an array")
@@ -369,21 +416,25 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
     else:
         known = {f.name for f in attrs.fields(BlockPolicy)}
         for key in sorted(set(policy_data) - known):
-            problems.add(f"policy.{key}", f"unknown threshold (expected one of {sorted(known)})")
+            problems.add(
+                f"policy.{shown_key(key)}", f"unknown threshold (expected one of {sorted(known)})"
+            )
         try:
             block_policy = BlockPolicy(**{k: v for k, v in policy_data.items() if k in known})
         except InvalidConfiguration as exc:
             for problem in exc.problems:
                 problems.add("policy", problem)
         except TypeError as exc:
-            problems.add("policy", str(exc))
+            problems.add("policy", _clipped(str(exc)))
 
     relay = data.get("relay", {})
     if not isinstance(relay, Mapping):
         problems.add("relay", "must be a table")
         relay = {}
     for key in sorted(set(relay) - _RELAY_KEYS):
-        problems.add(f"relay.{key}", f"unknown option (expected one of {sorted(_RELAY_KEYS)})")
+        problems.add(
+            f"relay.{shown_key(key)}", f"unknown option (expected one of {sorted(_RELAY_KEYS)})"
+        )
     checks = {
         "null_sender": ("accept", "refuse"),
         "count": ("messages", "recipients"),
@@ -391,7 +442,7 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
     }
     for key, allowed in checks.items():
         if key in relay and relay[key] not in allowed:
-            problems.add(f"relay.{key}", f"{relay[key]!r} is not one of {list(allowed)}")
+            problems.add(f"relay.{key}", f"{shown(relay[key])} is not one of {list(allowed)}")
 
     replies = ReplyCatalog()
     try:
@@ -417,7 +468,9 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
     pinned = _pinned_certificates(data.get("postfix", {}), problems)
 
     if problems.items or matcher is None or connector_table is None or block_policy is None:
-        raise InvalidConfiguration(problems.items or ["configuration is incomplete"], source=source)
+        raise InvalidConfiguration(
+            problems.listed() or ["configuration is incomplete"], source=source
+        )
     return PolicyConfig(
         source=source,
         matcher=matcher,
