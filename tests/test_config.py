@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from domainpolicy import InvalidConfiguration, State
-from domainpolicy._config import load_config, parse_domains_file
+from domainpolicy._config import _toml_shape_problem, load_config, parse_domains_file
 from domainpolicy._policy import RelayRequest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -277,3 +278,70 @@ def test_at_most_a_hundred_problems_are_listed(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "".join(f"k{n} = 1\n" for n in range(100_000)))
     assert len(problems) == 101
     assert problems[-1] == "... and 99900 more problems"
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"a = " + b"[" * 500 + b"]" * 500, "line 1: arrays and inline tables nested more than 32"),
+        (b"a = " + b"{b=" * 500 + b"1" + b"}" * 500, "nested more than 32"),
+        (b"a = [\n" + b"[" * 40 + b"\n", "line 2: arrays and inline tables nested more than 32"),
+        (b"[relay]\nnull_sender = " + b"[" * 32 + b"]" * 32, "relay.null_sender[0][0]"),
+        (b"a = " + b"{b.c.d.e.f.g.h.i=" * 30 + b"1" + b"}" * 30, "levels deep"),
+        (b".".join([b"a"] * 100_000) + b" = 1\n", "more than 32 dotted parts"),
+        (b"[" + b".".join([b"a"] * 100_000) + b"]\n", "more than 32 dotted parts"),
+        (b"a = {" + b".".join([b"b"] * 40) + b" = 1}\n", "more than 32 dotted parts"),
+        (b"\xff\n", "not UTF-8 (TOML must be): octet 0xff at line 1, column 1"),
+        (b'[relay]\ncount = "m\xe9"\n', "octet 0xe9 at line 2, column 11"),
+        (b"a = " + b"1" * 5000, "not valid TOML: Exceeds the limit (4300 digits)"),
+        (b"[policy]\nwindow_seconds = 0x" + b"f" * 5000, "policy.window_seconds: an integer of"),
+        (b"a = -9223372036854775809\n", "outside the 64-bit range"),
+        (b'domains_file = "a\\u0000b"\n', "domains_file: cannot read domains file"),
+    ],
+    ids=[
+        "arrays",
+        "inline-tables",
+        "line-number",
+        "deep-value",
+        "deep-dotted",
+        "dotted-key",
+        "table-name",
+        "inline-dotted-key",
+        "not-utf8",
+        "not-utf8-later",
+        "long-decimal",
+        "huge-hex",
+        "below-int64",
+        "nul-in-path",
+    ],
+)
+def test_hostile_toml_is_invalid_configuration(tmp_path: Path, content: bytes, needle: str) -> None:
+    """Deep nesting (RecursionError in tomllib), long dotted keys (quadratic in tomllib), bytes
+    that are not UTF-8, huge integers and a NUL in a path are one InvalidConfiguration."""
+    problems = problems_of(tmp_path, content)
+    assert any(needle in problem for problem in problems), problems
+
+
+def test_shape_check_passes_valid_toml_at_the_limits() -> None:
+    """32 dotted parts, arrays and inline tables 32 deep, and brackets, quotes, dots and '#'
+    inside strings and comments pass the shape check; one more level does not."""
+    text = (
+        "# [[[[ { comment . . .\n"
+        + ".".join(["k"] * 32)
+        + ' = ["[[[", "\\"{{", \'\'\'\n]]] "\'\'\', """x.y\n""" ] # ]]]\n'
+        + "deep = "
+        + "[" * 31
+        + "{a.b = 1}"
+        + "]" * 31
+        + '\ns = """a""""\n'
+        + "t = '''b'''''\n"
+        + "["
+        + ".".join(["h"] * 32)
+        + "]\n"
+        + 'x = "#[" # ]\n'
+    )
+    tomllib.loads(text)
+    assert _toml_shape_problem(text) is None
+    assert _toml_shape_problem(text.replace("[" * 31, "[" * 32).replace("]" * 31, "]" * 32))
+    assert _toml_shape_problem(text.replace("k.k", "k.k.k", 1))
+    assert _toml_shape_problem(text.replace("h.h", "h.h.h", 1))

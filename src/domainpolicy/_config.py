@@ -42,6 +42,8 @@ _TYPES: Final = {t.value: t for t in DomainType} | {t.name.lower(): t for t in D
 _MAX_DOMAINS_LINE: Final = 4096
 _MAX_PROBLEMS: Final = 100  # an error lists at most this many problems, then how many more
 _MAX_PROBLEM: Final = 1000  # characters of one problem (values in it are already truncated)
+_MAX_DEPTH: Final = 32  # levels of tables and arrays, and parts of one dotted key
+_INT64: Final = range(-(2**63), 2**63)  # TOML integers are 64-bit (TOML 1.0)
 
 
 @attrs.frozen
@@ -312,25 +314,162 @@ def _pinned_certificates(table: object, problems: _Problems) -> dict[str, str]:
     return result
 
 
+_TOML_TOKEN_RE: Final = re.compile(r"""[\[\]{}.,="'#\n]""")
+# Possessive (*+, ++): no backtracking, so linear even when a string is not closed.
+_BASIC_STRING_RE: Final = re.compile(r'(?:[^"\\\n]++|\\.)*+"')
+_LITERAL_STRING_RE: Final = re.compile(r"[^'\n]*'")
+_MULTILINE_BASIC_RE: Final = re.compile(r'(?:[^"\\]++|\\.|"(?!""))*+"""', re.DOTALL)
+
+
+def _toml_shape_problem(text: str) -> str | None:
+    """Why TOML *text* is nested too deeply to parse safely, or None; in linear time.
+
+    Python's tomllib recurses once per nested array or inline table (so about 500 of them raise
+    `RecursionError`), and it takes time quadratic in the number of parts of a dotted key.  This
+    scan counts both, outside strings and comments, before tomllib sees the text.  It follows
+    just enough of TOML to tell keys from values; on text that is not TOML it may stop at a
+    different problem than tomllib would, but never refuses valid TOML within the limits.
+    """
+    stack: list[str] = []  # "h": a table header's bracket, "a": an array, "t": an inline table
+    in_key, parts, line, position = True, 1, 1, 0
+    while found := _TOML_TOKEN_RE.search(text, position):
+        token, position = found.group(), found.end()
+        if token == "\n":
+            line += 1
+            if not stack:
+                in_key, parts = True, 1
+        elif token == "#":
+            end = text.find("\n", position)
+            position = len(text) if end < 0 else end
+        elif token in "\"'":
+            start = position
+            if text.startswith(token * 2, position):  # a multi-line string
+                if token == '"':
+                    closed = _MULTILINE_BASIC_RE.match(text, position + 2)
+                    end = closed.end() if closed else -1
+                else:
+                    end = text.find("'''", position + 2)
+                    end = end + 3 if end >= 0 else -1
+                if end < 0:
+                    return None  # unterminated: tomllib reports it
+                for _ in range(2):  # up to two quotes of the content may precede the delimiter
+                    if text.startswith(token, end):
+                        end += 1
+                position = end
+            else:
+                closed = (_BASIC_STRING_RE if token == '"' else _LITERAL_STRING_RE).match(
+                    text, position
+                )
+                if closed:
+                    position = closed.end()
+                else:  # unterminated: tomllib reports it; go on after the line
+                    end = text.find("\n", position)
+                    position = len(text) if end < 0 else end
+            line += text.count("\n", start, position)
+        elif token == "[" and in_key and (not stack or stack[-1] == "h"):
+            stack.append("h")
+        elif token in "[{":
+            stack.append("a" if token == "[" else "t")
+            in_key, parts = token == "{", 1
+            if len(stack) > _MAX_DEPTH:
+                return f"line {line}: arrays and inline tables nested more than {_MAX_DEPTH} deep"
+        elif token in "]}":
+            in_key = bool(stack) and stack.pop() == "h"
+        elif token == ",":
+            if stack and stack[-1] == "t":
+                in_key, parts = True, 1
+        elif token == "=":
+            in_key = False
+        elif in_key:  # "." between the parts of a key
+            parts += 1
+            if parts > _MAX_DEPTH:
+                return f"line {line}: a key or table name of more than {_MAX_DEPTH} dotted parts"
+    return None
+
+
+def _structure_problems(data: Mapping[str, Any]) -> list[str]:
+    """Values nested deeper than `_MAX_DEPTH` (whose repr would recurse that deep) and integers
+    outside TOML's 64-bit range (whose repr is quadratic), found without recursion."""
+    problems: list[str] = []
+    pending: list[tuple[tuple[object, ...], object]] = [((), data)]
+    while pending and len(problems) < _MAX_PROBLEMS:
+        where, value = pending.pop()
+        if len(where) > _MAX_DEPTH:
+            problems.append(f"{_path(where)}: values nested more than {_MAX_DEPTH} levels deep")
+        elif isinstance(value, Mapping):
+            pending += [((*where, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [((*where, index), item) for index, item in enumerate(value)]
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            problems.append(
+                f"{_path(where)}: an integer of {value.bit_length()} bits is outside the 64-bit "
+                "range TOML allows"
+            )
+    return problems
+
+
+def _path(where: tuple[object, ...]) -> str:
+    """``tenants.contoso.domains[2]``: a path of keys and indices, each key `shown_key`."""
+    path = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{shown_key(part)}" for part in where
+    )
+    return path.lstrip(".")
+
+
+def _read_toml(source: str) -> dict[str, Any]:
+    """The TOML file *source*, parsed and checked to be UTF-8, not too deep, with 64-bit
+    integers.
+
+    Raises:
+        InvalidConfiguration: the file cannot be read or is not such TOML.
+    """
+
+    def refuse(problem: str) -> InvalidConfiguration:
+        return InvalidConfiguration([problem], source=source)
+
+    try:
+        with open(source, "rb") as handle:
+            raw = handle.read()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise refuse(f"cannot read {shown(source)}: {_clipped(reason)}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise refuse(
+            f"not UTF-8 (TOML must be): octet {raw[exc.start]:#04x} at line {line}, column {column}"
+        ) from exc
+    problem = _toml_shape_problem(text)
+    if problem is not None:
+        raise refuse(f"not valid TOML here: {problem}")
+    try:
+        data = tomllib.loads(text)
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4300 digits
+        raise refuse(f"not valid TOML: {_clipped(str(exc))}") from exc
+    except RecursionError as exc:  # pragma: no cover - the shape check bounds the nesting
+        raise refuse("not valid TOML here: arrays or inline tables nested too deeply") from exc
+    problems = _structure_problems(data)
+    if problems:
+        raise InvalidConfiguration(problems, source=source)
+    return data
+
+
 def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
     """Read and check a TOML configuration file.
 
+    The file must be UTF-8 TOML with arrays, tables and dotted keys nested at most 32 deep and
+    integers within 64 bits.  Reading takes time linear in the file's size.
+
     Raises:
         InvalidConfiguration: listing every problem with its file and key or line (at most
-            100 of them, then how many more), each value shown truncated.
+            100 of them, then how many more), each value shown truncated.  No other exception
+            escapes, whatever the file holds.
     """
     source = os.fspath(path)
+    data = _read_toml(source)
     base = Path(source).resolve().parent
-    try:
-        with open(source, "rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise InvalidConfiguration(
-            [f"cannot read {shown(source)}: {_clipped(reason)}"], source=source
-        ) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidConfiguration([f"not valid TOML: {exc}"], source=source) from exc
     problems = _Problems(source)
     for key in sorted(set(data) - _TOP_KEYS):
         problems.add(shown_key(key), f"unknown key (expected one of {sorted(_TOP_KEYS)})")
