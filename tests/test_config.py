@@ -345,3 +345,36 @@ def test_shape_check_passes_valid_toml_at_the_limits() -> None:
     assert _toml_shape_problem(text.replace("[" * 31, "[" * 32).replace("]" * 31, "]" * 32))
     assert _toml_shape_problem(text.replace("k.k", "k.k.k", 1))
     assert _toml_shape_problem(text.replace("h.h", "h.h.h", 1))
+
+
+@pytest.mark.parametrize(
+    ("table", "needle"),
+    [
+        ("[relay]\nfail_open = 1", "relay.fail_open: 1 is not true or false"),
+        ("[relay]\nfail_open = 0", "relay.fail_open: 0 is not true or false"),
+        ("[relay]\nfail_open = 1.0", "relay.fail_open: 1.0 is not true or false"),
+        ('[relay]\nfail_open = "true"', "relay.fail_open: 'true' is not true or false"),
+        ("[relay]\ncount = true", "relay.count: True is not one of ['messages', 'recipients']"),
+        ('[relay]\nnull_sender = ["accept"]', "relay.null_sender: ['accept'] is not one of"),
+        (
+            '[[connectors]]\nname = "c"\ntenant = "a"\nsender_ip_ranges = [1, true]',
+            "connectors[0].sender_ip_ranges[1]: True must be a CIDR string",
+        ),
+        (
+            '[[connectors]]\nname = "c"\ntenant = "a"\ntls_cert_names = [5]',
+            "connectors[0].tls_cert_names[0]: 5 must be a string",
+        ),
+    ],
+)
+def test_booleans_and_strings_are_checked_strictly(tmp_path: Path, table: str, needle: str) -> None:
+    """fail_open must be a TOML boolean (1 == True no longer passes), like every other boolean;
+    the string options, IP ranges and certificate names must be strings."""
+    problems = problems_of(tmp_path, f'[tenants.a]\ndomains = ["a.example"]\n{table}\n')
+    assert any(needle in problem for problem in problems), problems
+
+
+def test_fail_open_true_is_accepted(tmp_path: Path) -> None:
+    """fail_open = true is the one spelling that turns it on."""
+    path = tmp_path / "c.toml"
+    path.write_text('[tenants.a]\ndomains = ["a.example"]\n[relay]\nfail_open = true\n')
+    assert load_config(path).relay == {"fail_open": True}

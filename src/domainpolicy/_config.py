@@ -259,12 +259,20 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
         return None
     networks = []
     for index, text in enumerate(ranges):
+        if not isinstance(text, str):
+            problems.add(
+                f"{where}.sender_ip_ranges[{index}]", f"{shown(text)} must be a CIDR string"
+            )
+            continue
         try:
             networks.append(ipaddress.ip_network(text, strict=True))
-        except (ValueError, TypeError) as exc:
+        except ValueError as exc:
             problems.add(
                 f"{where}.sender_ip_ranges[{index}]", f"{shown(text)}: {_clipped(str(exc))}"
             )
+    for index, cert_name in enumerate(names):
+        if not isinstance(cert_name, str):
+            problems.add(f"{where}.tls_cert_names[{index}]", f"{shown(cert_name)} must be a string")
     try:
         created = _datetime(value["created_at"]) if "created_at" in value else None
     except ValueError as exc:
@@ -278,7 +286,7 @@ def _connector(value: object, where: str, problems: _Problems) -> InboundConnect
         name=name,
         tenant=tenant,
         sender_ip_ranges=tuple(networks),
-        tls_cert_names=tuple(str(n) for n in names),
+        tls_cert_names=tuple(n for n in names if isinstance(n, str)),
         created_at=created,
         enabled=enabled,
     )
@@ -574,14 +582,14 @@ def load_config(path: str | os.PathLike[str]) -> PolicyConfig:
         problems.add(
             f"relay.{shown_key(key)}", f"unknown option (expected one of {sorted(_RELAY_KEYS)})"
         )
-    checks = {
-        "null_sender": ("accept", "refuse"),
-        "count": ("messages", "recipients"),
-        "fail_open": (True, False),
-    }
-    for key, allowed in checks.items():
-        if key in relay and relay[key] not in allowed:
+    for key, allowed in (
+        ("null_sender", ("accept", "refuse")),
+        ("count", ("messages", "recipients")),
+    ):
+        if key in relay and not (isinstance(relay[key], str) and relay[key] in allowed):
             problems.add(f"relay.{key}", f"{shown(relay[key])} is not one of {list(allowed)}")
+    if "fail_open" in relay and not isinstance(relay["fail_open"], bool):
+        problems.add("relay.fail_open", f"{shown(relay['fail_open'])} is not true or false")
 
     replies = ReplyCatalog()
     try:
