@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import domainpolicy
 from domainpolicy._cli import EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -193,3 +195,46 @@ def test_one_line_joins_and_truncates_problems() -> None:
     assert "\n" not in many
     assert one_line(InvalidConfiguration(["y" * 1000])).endswith("...")
     assert one_line(ValueError("head\n  - one\n  - two")) == "head: one; two"
+
+
+BAD_CONFIGS = {
+    "deep-arrays": b"a = " + b"[" * 500 + b"]" * 500,
+    "deep-inline-tables": b"a = " + b"{b=" * 500 + b"1" + b"}" * 500,
+    "long-dotted-key": b".".join([b"a"] * 100_000) + b" = 1\n",
+    "not-utf8": b"\xff\n",
+    "huge-value": b'[relay]\nnull_sender = "' + b"x" * 10_000_000 + b'"\n',
+    "huge-key": b'"' + b"k" * 1_000_000 + b'" = 1\n',
+    "key-with-line-breaks": b'"a\\nb\\r\\u2028" = 1\n',
+    "huge-integer": b"a = " + b"1" * 5000 + b"\n",
+    "loose-boolean": b'[tenants.a]\ndomains = ["a.example"]\n[relay]\nfail_open = 1\n',
+    "not-toml": b"[store\n",
+    "many-problems": "".join(f"k{n} = 1\n" for n in range(10_000)).encode(),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+@pytest.mark.parametrize("name", list(BAD_CONFIGS))
+def test_bad_configuration_is_one_line_and_exit_2(tmp_path: Path, name: str, command: str) -> None:
+    """Every class of bad configuration file makes `check --config` and `serve --config` print
+    one short line on stderr and exit 2, never a traceback."""
+    path = tmp_path / "bad.toml"
+    path.write_bytes(BAD_CONFIGS[name])
+    argv = {
+        "check": ["check", "--config", str(path), "example.com"],
+        "serve": ["serve", "--config", str(path), "--listen", "127.0.0.1:0"],
+    }[command]
+    source = str(Path(domainpolicy.__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "domainpolicy", *argv],
+        capture_output=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": source},
+    )
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == EXIT_USAGE, err[:2000]
+    assert err.startswith(f"domainpolicy: error: invalid configuration in {path}: "), err[:2000]
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, err[:2000]
+    assert len(err) < 20_000
+    assert result.stdout == b""

@@ -14,12 +14,25 @@ When any address involved has a non-ASCII local part, or the original's header b
 ASCII, the report uses the RFC 6533 forms instead: ``message/global-delivery-status`` with
 ``utf-8;`` address types, ``message/global-headers`` or ``message/global``, and the message's
 policy is ``email.policy.SMTPUTF8`` so that no address is ever RFC 2047-encoded.  Otherwise the
-policy is ``email.policy.SMTP``.  Both clones have ``refold_source="none"`` so the original's
-headers are returned exactly as received.
+policy is ``email.policy.SMTP``.  Both clones have ``refold_source="none"``.
 
-Every value that reaches a header has been validated (addresses by `parse_address`, the reporting
-MTA by `normalize_domain`, the reply by `Reply`) or stripped of control characters (the original
-Subject), so no input can add a header line or a MIME part.
+The original's headers are returned as received (kept raw by a ``compat32`` parse, never decoded
+or refolded by the stdlib), with three exceptions: in the global form malformed UTF-8 becomes
+U+FFFD; the controls VT, FF, FS, GS and RS, which Python's email generator takes for line ends,
+become spaces; and a line longer than RFC 5322's 998 octets is broken as Postfix breaks it
+(``smtp_line_length_limit``), before a space or tab where one allows it (unfolding restores the
+header), else by inserting CRLF and a space.  No line of a report is longer than 998 octets.
+
+Every value that reaches a header of the report has been validated (addresses by
+`parse_address`, the reporting MTA by `normalize_domain`, the reply by `Reply`), except the
+original's Subject: it is decoded here (RFC 2047 encoded-words of any charset Python knows,
+leniently; unknown charsets and raw 8-bit octets read as UTF-8, malformed octets as U+FFFD), its
+control characters become spaces, and it is encoded again here (encoded-words for non-ASCII
+words and for any word holding ``=?``) and stored raw, so that no decoder finds in it an
+encoded-word this module did not write.  So no input can add a header line or a MIME part, and
+the report always serialises.  The original's Return-Path must be UTF-8 and parse as a path;
+it is not RFC 2047-decoded (RFC 2047 section 5 allows no encoded-word in an address).  Reading
+the original takes time linear in its size.
 
 Loops: no report is made about a report.  `build_dsn` returns ``None`` (it does not raise) when
 the original's envelope sender is the null path ``<>``, when it carries ``Auto-Submitted`` with any
@@ -28,7 +41,11 @@ value but ``no`` (RFC 3834 section 2), or when it is itself a delivery or dispos
 
 from __future__ import annotations
 
+import binascii
+import codecs
 import datetime as _dt
+import encodings
+import encodings.aliases
 import functools
 import hashlib
 import importlib.resources
@@ -37,10 +54,10 @@ import textwrap
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from email import policy as _policy
-from email.header import decode_header, make_header
+from email.errors import MessageError
 from email.headerregistry import Address as _HeaderAddress
 from email.message import EmailMessage, Message, MIMEPart
-from email.parser import BytesHeaderParser, BytesParser
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime, make_msgid
 from typing import Final, Literal
 
@@ -284,15 +301,125 @@ def _one_line(text: str) -> str:
     return _SPACES_RE.sub(" ", _CONTROL_RE.sub(" ", text)).strip()
 
 
-def _decoded_header(raw: str) -> str:
-    """A raw header value (maybe RFC 2047 or raw UTF-8 as surrogates) as display text."""
-    if any(0xDC80 <= ord(c) <= 0xDCFF for c in raw):
-        raw = raw.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+# --------------------------------------------------------------------------- original headers
+#
+# Header values of the original come from a compat32 parse of its bytes: ASCII, with every 8-bit
+# octet as a lone surrogate (surrogateescape).  They are decoded here, by code that never raises
+# and takes linear time, into display text without control characters; nothing of the original
+# is ever handed to the stdlib's header registry, which decodes encoded-words again when a value
+# is set (so an undecodable word would come back to life) and writes decoded CR LF out as is.
+
+_ENCODED_WORD_RE: Final = re.compile(r"=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=")
+_NOT_BASE64_RE: Final = re.compile(r"[^A-Za-z0-9+/]+")
+_SURROGATE_RE: Final = re.compile(r"[\ud800-\udfff]")
+_COMMENT_TOKEN_RE: Final = re.compile(r"\\.|[()]|[^\\()]+", re.DOTALL)
+_PARAMETER_TOKEN_RE: Final = re.compile(r'"(?:[^"\\]|\\.)*"?|;|[^";]+', re.DOTALL)
+_LWSP: Final = " \t\r\n"
+# Registered codec names and aliases: only these are looked up (so hostile names cannot grow the
+# codec registry's cache); codecs that are not character sets are refused.
+_CHARSETS: Final = frozenset(encodings.aliases.aliases) | frozenset(
+    encodings.aliases.aliases.values()
+)
+_NOT_CHARSETS: Final = frozenset(
+    {"idna", "punycode", "raw_unicode_escape", "unicode_escape", "undefined"}
+)
+
+
+def _octets(raw: str) -> bytes:
+    """The octets of raw header text (ASCII, 8-bit octets as surrogates)."""
     try:
-        text = str(make_header(decode_header(raw)))
-    except (ValueError, LookupError, UnicodeError, AssertionError):
-        text = raw
-    return _one_line(text)
+        return raw.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no octet escapes: not from a parser
+        return raw.encode("utf-8", "replace")
+
+
+def _raw_text(raw: str) -> str:
+    """Raw header text with its octets read as UTF-8 (RFC 6532), malformed ones as U+FFFD."""
+    return _octets(raw).decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(charset: str) -> str | None:
+    """The Python codec for a MIME charset name (RFC 2231 ``*language`` ignored), if known."""
+    name = encodings.normalize_encoding(charset.partition("*")[0].strip().lower())
+    if name not in _CHARSETS:
+        return None
+    try:
+        info = codecs.lookup(name)
+    except LookupError:
+        return None
+    if info.name.replace("-", "_") in _NOT_CHARSETS or not getattr(info, "_is_text_encoding", True):
+        return None
+    return info.name
+
+
+def _decoded_word(charset: str, encoding: str, text: str) -> str:
+    """One RFC 2047 encoded-word's text, leniently: malformed base64 loses its broken tail,
+    a malformed ``=`` escape stays as is, an unknown charset is read as UTF-8."""
+    if encoding in "bB":
+        data = _NOT_BASE64_RE.sub("", text)
+        data = data[: len(data) - 1] if len(data) % 4 == 1 else data + "=" * (-len(data) % 4)
+        octets = binascii.a2b_base64(data)
+    else:
+        octets = binascii.a2b_qp(_octets(text), header=True)
+    codec = _codec(charset) if len(charset) <= 64 else None
+    try:
+        return octets.decode(codec or "utf-8", "replace")
+    except (LookupError, UnicodeError, ValueError):  # pragma: no cover - a broken codec
+        return octets.decode("utf-8", "replace")
+
+
+def _header_text(raw: str) -> str:
+    """A raw unstructured header value of the original as one line of display text.
+
+    Octets outside encoded-words are read as UTF-8 (RFC 6532); RFC 2047 encoded-words are
+    decoded wherever they appear, and the white space between two of them is dropped.  The
+    result has no control characters, line separators or surrogates.
+    """
+    out: list[str] = []
+    position = 0
+    after_word = False
+    for word in _ENCODED_WORD_RE.finditer(raw):
+        between = raw[position : word.start()]
+        if not (after_word and not between.strip(_LWSP)):
+            out.append(_raw_text(between))
+        out.append(_decoded_word(*word.groups()))
+        position = word.end()
+        after_word = True
+    out.append(_raw_text(raw[position:]))
+    return _one_line(_SURROGATE_RE.sub("\ufffd", "".join(out)))
+
+
+def _without_comments(value: str) -> str:
+    """*value* without RFC 5322 comments (nested, with quoted-pairs), in linear time."""
+    out: list[str] = []
+    depth = 0
+    for token in _COMMENT_TOKEN_RE.findall(value):
+        if token == "(":
+            depth += 1
+        elif token == ")" and depth:
+            depth -= 1
+        elif not depth:
+            out.append(token)
+    return "".join(out)
+
+
+def _parameter(value: str, wanted: str) -> str | None:
+    """The value of parameter *wanted* of a Content-Type value, unquoted, in linear time."""
+    parameters: list[list[str]] = [[]]
+    for token in _PARAMETER_TOKEN_RE.findall(value):
+        if token == ";":
+            parameters.append([])
+        else:
+            parameters[-1].append(token)
+    for tokens in parameters[1:]:
+        name, equals, text = "".join(tokens).partition("=")
+        if equals and name.strip(_LWSP).lower() == wanted:
+            text = text.strip(_LWSP)
+            if text.startswith('"'):
+                text = re.sub(r"\\(.)", r"\1", text[1:].removesuffix('"'), flags=re.DOTALL)
+            return text
+    return None
 
 
 def _unitext(text: str) -> str:
@@ -327,6 +454,7 @@ def _header_address(address: Address, global_form: bool) -> str:
 class _Original:
     raw: bytes
     headers: bytes
+    body: bytes
     envelope_sender: str | None
     auto_submitted: str | None
     content_type: str
@@ -338,7 +466,14 @@ def _read_original(original: object) -> _Original:
     if isinstance(original, Message):
         try:
             raw = original.as_bytes(policy=original.policy.clone(linesep="\r\n"))
-        except (ValueError, TypeError, LookupError, UnicodeError, AttributeError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            LookupError,
+            UnicodeError,
+            AttributeError,
+            MessageError,
+        ) as exc:
             raise InvalidDsn(f"the original message cannot be serialised: {exc}") from exc
     elif isinstance(original, bytes | bytearray | memoryview):
         raw = bytes(original)
@@ -347,11 +482,11 @@ def _read_original(original: object) -> _Original:
     raw = _LINE_END_RE.sub(b"\r\n", raw)
     end = _HEADER_END_RE.search(raw)
     if raw.startswith(b"\r\n"):
-        headers = b""
+        headers, body = b"", raw
+    elif end:
+        headers, body = raw[: end.start() + 2], raw[end.start() + 2 :]
     else:
-        headers = (
-            raw[: end.start() + 2] if end else (raw if raw.endswith(b"\r\n") else raw + b"\r\n")
-        )
+        headers, body = (raw if raw.endswith(b"\r\n") else raw + b"\r\n"), b""
     parsed = BytesHeaderParser(policy=_policy.compat32).parsebytes(headers + b"\r\n")
 
     raw_values: dict[str, str] = {}
@@ -361,25 +496,72 @@ def _read_original(original: object) -> _Original:
     def get(name: str) -> str | None:
         return raw_values.get(name.lower())
 
-    content_type = (get("Content-Type") or "text/plain").split(";", 1)[0].strip().lower()
-    report_type = parsed.get_param("report-type", header="content-type")
+    content_type = get("Content-Type") or "text/plain"
+    report_type = _parameter(content_type, "report-type")
     return _Original(
         raw=raw,
         headers=headers,
+        body=body,
         envelope_sender=get("Return-Path"),
         auto_submitted=get("Auto-Submitted"),
-        content_type=content_type,
-        report_type=report_type.lower() if isinstance(report_type, str) else None,
+        content_type=content_type.split(";", 1)[0].strip(_LWSP).lower(),
+        report_type=report_type.lower() if report_type is not None else None,
         subject=get("Subject"),
     )
 
 
 def _is_automatic(original: _Original) -> bool:
     if original.auto_submitted is not None:
-        keyword = re.sub(r"\([^)]*\)", "", original.auto_submitted).split(";", 1)[0].strip().lower()
-        if keyword != "no":
+        keyword = _without_comments(original.auto_submitted).split(";", 1)[0]
+        if keyword.strip(_LWSP).lower() != "no":
             return True
     return original.content_type == "multipart/report" and original.report_type in _REPORT_TYPES
+
+
+_LINE_MAX: Final = 998
+_LONG_LINE_RE: Final = re.compile(rb"[^\r\n]{%d}" % (_LINE_MAX + 1))
+# Controls that Python's email generator takes for line ends in a header value (str.splitlines).
+_SPLITLINES_CONTROLS: Final = bytes.maketrans(b"\x0b\x0c\x1c\x1d\x1e", b"     ")
+
+
+def _limited_lines(data: bytes) -> bytes:
+    """*data* (CRLF lines) with every line over 998 octets broken as Postfix breaks them
+    (``smtp_line_length_limit``): by inserting CRLF before a space or tab where one allows it
+    (unfolding restores a header exactly), else CRLF and a space; never inside a UTF-8
+    character."""
+    if not _LONG_LINE_RE.search(data):
+        return data
+    out: list[bytes] = []
+    for whole in data.split(b"\r\n"):
+        line = whole
+        while len(line) > _LINE_MAX:
+            cut = max(line.rfind(b" ", 1, _LINE_MAX + 1), line.rfind(b"\t", 1, _LINE_MAX + 1))
+            while cut > 0 and line[cut - 1] in b" \t":
+                cut -= 1
+            if cut > 0:
+                out.append(line[:cut])
+                line = line[cut:]
+            else:
+                cut = _LINE_MAX
+                for _ in range(3):
+                    if 0x80 <= line[cut] < 0xC0:
+                        cut -= 1
+                out.append(line[:cut])
+                line = b" " + line[cut:]
+        out.append(line)
+    return b"\r\n".join(out)
+
+
+def _returned(source: _Original, return_content: ReturnContent, global_form: bool) -> bytes:
+    """The original as part 3 carries it: the header block (``"headers"``, ending with its
+    blank line) or the whole message (``"full"``), malformed UTF-8 replaced in global form, the
+    header block without the controls the generator would split lines at, no line over 998
+    octets."""
+    headers = source.headers.translate(_SPLITLINES_CONTROLS)
+    data = headers + (b"\r\n" if return_content == "headers" else source.body)
+    if global_form:
+        data = data.decode("utf-8", "replace").encode("utf-8")
+    return _limited_lines(data)
 
 
 # --------------------------------------------------------------------------- the text part
@@ -447,6 +629,68 @@ def _fold(name: str, value: str) -> str:
     return "".join(out)
 
 
+_EW_LIMIT: Final = 75  # RFC 2047: an encoded-word is at most 75 characters
+_Q_SAFE: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-!*+/")
+
+
+def _q_length(octets: bytes) -> int:
+    return sum(1 if byte in _Q_SAFE or byte == 0x20 else 3 for byte in octets)
+
+
+def _encoded_words(run: str) -> list[str]:
+    """*run* as ``utf-8`` RFC 2047 encoded-words of at most 75 characters, split between
+    characters; Q unless B is at least 5 characters shorter (the stdlib's choice)."""
+    octets = run.encode("utf-8")
+    use_b = _q_length(octets) - 4 * -(-len(octets) // 3) >= 5
+    room = _EW_LIMIT - len("=?utf-8?q??=")
+    words: list[str] = []
+    chunk = bytearray()
+    size = 0
+    for char in run:
+        data = char.encode("utf-8")
+        grown = 4 * -(-(len(chunk) + len(data)) // 3) if use_b else size + _q_length(data)
+        if chunk and grown > room:
+            words.append(_encoded_word(bytes(chunk), use_b))
+            chunk.clear()
+            size = 0
+        chunk += data
+        size += _q_length(data)
+    words.append(_encoded_word(bytes(chunk), use_b))
+    return words
+
+
+def _encoded_word(octets: bytes, use_b: bool) -> str:
+    if use_b:
+        return f"=?utf-8?b?{binascii.b2a_base64(octets, newline=False).decode('ascii')}?="
+    text = "".join(
+        chr(byte) if byte in _Q_SAFE else "_" if byte == 0x20 else f"={byte:02X}" for byte in octets
+    )
+    return f"=?utf-8?q?{text}?="
+
+
+def _encoded_text(text: str, *, utf8: bool) -> str:
+    """One line of display text (single spaces, no controls) as an unstructured header value
+    that decodes back to exactly *text*.
+
+    A word goes out as it is when it is at most 75 octets, ASCII (or *utf8*) and holds no
+    ``=?``; runs of other words become RFC 2047 encoded-words.  So no decoder finds an
+    encoded-word in the value that this function did not write.
+    """
+    tokens: list[str] = []
+    run: list[str] = []
+    for word in text.split(" "):
+        if len(word.encode("utf-8")) <= _EW_LIMIT and "=?" not in word and (utf8 or word.isascii()):
+            if run:
+                tokens += _encoded_words(" ".join(run))
+                run = []
+            tokens.append(word)
+        else:
+            run.append(word)
+    if run:
+        tokens += _encoded_words(" ".join(run))
+    return " ".join(tokens)
+
+
 def _block(fields: Iterable[tuple[str, str]]) -> Message:
     """A header block written exactly as given (compat32 values are not refolded or checked).
 
@@ -510,6 +754,10 @@ def build_dsn(
             *failed_recipients* is empty, the envelope sender is unknown (no argument and no
             ``Return-Path``), or *original* is neither bytes nor a Message.
         InvalidAddress: a recipient or the envelope sender is not a valid address.
+
+    Nothing in the original's headers or body makes it raise anything else: undecodable
+    encoded-words, unknown charsets, 8-bit octets, control characters and over-long lines are
+    all reported on (see the module documentation).
     """
     if not isinstance(reply, Reply):
         raise InvalidDsn(f"reply {shown(reply)} is not a domainpolicy Reply")
@@ -550,7 +798,14 @@ def build_dsn(
                 "original a Return-Path header"
             )
         try:
-            sender = parse_address(_one_line(_decoded_header(source.envelope_sender)))
+            path = _octets(source.envelope_sender).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidDsn(
+                f"the original's Return-Path {shown(source.envelope_sender)} is not UTF-8 "
+                f"(octet {exc.object[exc.start]:#04x} at {exc.start})"
+            ) from exc
+        try:
+            sender = parse_address(_one_line(path))
         except InvalidAddress as exc:
             raise InvalidDsn(
                 f"the original's Return-Path {shown(source.envelope_sender)} is not a valid "
@@ -572,9 +827,10 @@ def build_dsn(
     # -- part 1: the human-readable text
     text = _human_text(template, recipients, reply, values, return_content)
     human = MIMEPart(policy=pol)
-    if text.isascii():
+    fits = all(len(line.encode("utf-8")) <= _LINE_MAX for line in text.split("\n"))
+    if text.isascii() and fits:
         cte = "7bit"
-    elif global_form:
+    elif global_form and fits:
         cte = "8bit"
     else:  # mostly-ASCII text stays readable as quoted-printable
         cte = "quoted-printable" if sum(ord(c) > 127 for c in text) * 10 < len(text) else "base64"
@@ -615,22 +871,21 @@ def build_dsn(
     parts: list[Message | str] = [human, status_part]
 
     # -- part 3: the original
+    returned_data = b""
     if return_content != "none":
         returned = MIMEPart(policy=pol)
+        returned_data = _returned(source, return_content, global_form)
         if return_content == "headers" and not global_form:
             returned["Content-Type"] = "text/rfc822-headers"
             returned["Content-Transfer-Encoding"] = "7bit"
-            returned.set_payload(source.headers.decode("ascii"))
+            returned.set_payload(returned_data.removesuffix(b"\r\n").decode("ascii"))
         else:
-            data = source.headers + b"\r\n" if return_content == "headers" else source.raw
-            if global_form:
-                data = data.decode("utf-8", "replace").encode("utf-8")
-            inner = (BytesHeaderParser if return_content == "headers" else BytesParser)(
-                policy=pol
-            ).parsebytes(data)
+            # compat32 keeps every header value raw, and the body unparsed: the report's policy
+            # writes them back as they are, and no header of the original is ever decoded.
+            inner = BytesHeaderParser(policy=_policy.compat32).parsebytes(returned_data)
             kind = {"headers": "global-headers", "full": "global"}[return_content]
             returned["Content-Type"] = f"message/{kind if global_form else 'rfc822'}"
-            if not data.isascii():
+            if not returned_data.isascii():
                 returned["Content-Transfer-Encoding"] = "8bit"
             returned.set_payload([inner])
         parts.append(returned)
@@ -641,12 +896,14 @@ def build_dsn(
         display_name=template.from_name, username="MAILER-DAEMON", domain=mta
     )
     msg["To"] = _header_address(sender, global_form)
-    subject = _decoded_header(source.subject)[:_SUBJECT_MAX] if source.subject else ""
-    msg["Subject"] = (
+    subject = _header_text(source.subject)[:_SUBJECT_MAX] if source.subject else ""
+    subject_line = (
         _one_line(_fill(template.subject, {**values, "subject": subject}))
         if subject
         else _one_line(_fill(template.subject_no_original, values))
     )
+    # Set raw, encoded here: the header registry would decode encoded-word lookalikes in it.
+    msg.set_raw("Subject", _fold("Subject", _encoded_text(subject_line, utf8=global_form)))
     msg["Date"] = format_datetime(now)
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = "auto-replied"
@@ -657,7 +914,9 @@ def build_dsn(
     digest = hashlib.sha256(message_id.encode("ascii") + source.raw + text.encode("utf-8"))
     boundary = f"=_dsn_{digest.hexdigest()[:32]}"
     salt = 0
-    while boundary.encode("ascii") in source.raw:  # pragma: no cover - needs a SHA-256 preimage
+    while (  # pragma: no cover - needs a SHA-256 preimage
+        boundary.encode("ascii") in source.raw or boundary.encode("ascii") in returned_data
+    ):
         salt += 1
         digest.update(str(salt).encode("ascii"))
         boundary = f"=_dsn_{digest.hexdigest()[:32]}"

@@ -8,6 +8,7 @@ known, the position of the offending character.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 __all__ = [
@@ -22,16 +23,37 @@ __all__ = [
 ]
 
 _SHOWN_MAX = 80
+_SHOWN_INT_BITS = 256
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def shown(value: object, limit: int = _SHOWN_MAX) -> str:
-    """Return ``repr(value)``, truncated to about *limit* characters for error messages."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} characters)"
-    text = repr(value)
+    """Return ``repr(value)``, truncated to about *limit* characters for error messages.
+
+    It never raises and takes time linear in the size of *value*: an integer of more than 256
+    bits is described by its size (its decimal ``repr`` is quadratic, and refused over 4,300
+    digits), and a ``repr`` that fails is described by the type.
+    """
+    if isinstance(value, str | bytes | bytearray) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    if isinstance(value, int) and value.bit_length() > _SHOWN_INT_BITS:
+        return f"<{'negative ' if value < 0 else ''}integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # a huge integer inside a container, a deep one, a broken __repr__
+        return f"<{type(value).__name__} that cannot be shown>"
     if len(text) > limit + 2:
         return f"{text[:limit]}... ({len(text)} characters of repr)"
     return text
+
+
+def shown_key(key: object) -> str:
+    """A key of a configuration path: bare (``contoso``) when it is a short TOML bare key,
+    else `shown`, so that a path never holds a line break or a huge key."""
+    if isinstance(key, str) and _BARE_KEY.fullmatch(key):
+        return key
+    return shown(key, 40)
 
 
 class DomainPolicyError(Exception):

@@ -33,7 +33,7 @@ from typing import Final
 
 import attrs
 
-from ._errors import InvalidConfiguration, InvalidDomain, InvalidReply, shown
+from ._errors import InvalidConfiguration, InvalidDomain, InvalidReply, shown, shown_key
 from ._names import normalize_domain
 
 __all__ = [
@@ -558,7 +558,7 @@ class ReplyCatalog:
             raise InvalidReply(f"reply code {shown(code)} is not a ReplyCode member")
         if tenant is not None and not isinstance(tenant, str):
             raise InvalidReply(f"tenant {shown(tenant)} is not a str")
-        where = f"{code.name}" + (f" of tenant {tenant!r}" if tenant is not None else "")
+        where = f"{code.name}" + (f" of tenant {shown(tenant)}" if tenant is not None else "")
         lines = _override_lines(text, where)
         # Check that the result makes a valid reply now, not at the first refusal.
         Reply(
@@ -617,7 +617,7 @@ class ReplyCatalog:
             )
         for key in data:
             if key not in ("server_name", "texts", "tenants"):
-                problems.append(f"unknown key {key!r} (expected server_name, texts, tenants)")
+                problems.append(f"unknown key {shown(key)} (expected server_name, texts, tenants)")
         server = data.get("server_name")
         if server is not None:
             try:
@@ -634,7 +634,7 @@ class ReplyCatalog:
                 try:
                     catalog = catalog.with_text(ReplyCode.lookup(name), text, tenant=tenant)
                 except InvalidReply as exc:
-                    problems.append(f"{where}.{name}: {exc}")
+                    problems.append(f"{where}.{shown_key(name)}: {exc}")
 
         if "texts" in data:
             add(data["texts"], None, "texts")
@@ -643,7 +643,7 @@ class ReplyCatalog:
             problems.append(f"tenants: {shown(tenants)} is not a table")
         else:
             for tenant, table in tenants.items():
-                add(table, str(tenant), f"tenants.{tenant}")
+                add(table, str(tenant), f"tenants.{shown_key(tenant)}")
         if problems:
             raise InvalidConfiguration(problems, source=source)
         return catalog
