@@ -6,7 +6,9 @@ this package.
 * `admin`: ``compile``, ``tenant ...``, ``ndr``;
 * `replay`: ``replay``;
 * `serve`: ``serve`` (the Postfix policy server);
-* `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox).
+* `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox);
+* `webconsole`: ``console`` (the web console) and ``console user add|list`` (not named
+  ``console``: that name is the console script's entry point in this package).
 
 Each command module declares a ``COMMANDS`` table and imports `common` and the library, never
 this package.  The command modules are imported when the parser is built, not when this package
@@ -43,7 +45,7 @@ __all__ = [
 
 def commands() -> dict[str, Command]:
     """Every command, in the order ``domainpolicy --help`` lists them."""
-    from . import admin, alerts, names, replay, serve
+    from . import admin, alerts, names, replay, serve, webconsole
 
     return {
         **names.COMMANDS,
@@ -51,6 +53,7 @@ def commands() -> dict[str, Command]:
         **admin.COMMANDS,
         **serve.COMMANDS,
         **alerts.COMMANDS,
+        **webconsole.COMMANDS,
     }
 
 
