@@ -539,3 +539,40 @@ def test_user_add_and_list(monkeypatch: Any, tmp_path: Path) -> None:
         )
         == 2
     )
+
+
+def test_mounted_under_a_prefix(policy: RelayPolicy) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    outer = Starlette(routes=[Mount("/relay-console", app=create_app(policy))])
+    client = TestClient(outer)
+    page = client.get("/relay-console/login")
+    assert 'action="/relay-console/login"' in page.text
+    assert "Path=/relay-console" in page.headers["set-cookie"]
+    response = client.post(
+        "/relay-console/login",
+        data={"csrf": csrf_of(page.text), "name": "alice", "password": PASSWORD},
+        follow_redirects=False,
+    )
+    assert response.headers["location"] == "/relay-console/"
+    assert client.get("/relay-console/t/contoso").status_code == 200
+
+
+def test_queue_is_oldest_first(policy: RelayPolicy, client: TestClient) -> None:
+    for tenant in ("fabrikam", "contoso"):
+        if tenant == "fabrikam":
+            policy.block(tenant, by="sam", reason="test")
+        block = policy.status(tenant).raw.block
+        assert block is not None
+        for domain in block.offending:
+            policy.declare_not_ours(tenant, [domain], by="t")
+        for connector in block.to_review:
+            policy.review_connector(tenant, connector, kept=False, by="t")
+        policy.attest(tenant, by="t", note="n")
+        policy.request_unblock(tenant, code="5.7.750", evidence=f"{tenant} first", by="t")
+    login(client, "sam")
+    queue = client.get("/api/queue").json()["queue"]
+    assert [row["tenant"] for row in queue] == ["fabrikam", "contoso"]
+    text = client.get("/support").text
+    assert text.index("fabrikam first") < text.index("contoso first")
