@@ -279,6 +279,38 @@ def test_markup_in_stored_values_is_inert(policy: RelayPolicy, client: TestClien
     assert "<script>" not in client.get("/support/search", params={"q": evil}).text
 
 
+def test_markup_in_requests_and_denials_is_inert(policy: RelayPolicy, client: TestClient) -> None:
+    evil = "<script>alert(2)</script>"
+    block = policy.status("contoso").raw.block
+    assert block is not None
+    for domain in block.offending:
+        policy.declare_not_ours("contoso", [domain], by="t", note=evil)
+    for connector in block.to_review:
+        policy.review_connector("contoso", connector, kept=True, by=evil)
+    policy.attest("contoso", by="t", note="n")
+    policy.request_unblock("contoso", code="5.7.750", evidence=evil, by="t")
+    login(client, "sam")
+    assert "<script>" not in client.get("/support").text
+    assert "&lt;script&gt;alert(2)" in client.get("/support").text
+    csrf = page_csrf(client, "/t/contoso")
+    assert client.post("/t/contoso/deny", data={"reason": evil, "csrf": csrf}).is_success
+    for path in ("/t/contoso", "/t/contoso/history"):
+        text = client.get(path).text
+        assert "<script>" not in text
+        assert "&lt;script&gt;alert(2)" in text
+
+
+def test_anonymous_sessions_are_bounded() -> None:
+    from domainpolicy.console._auth import MAX_SESSIONS, Sessions
+
+    sessions = Sessions()
+    signed_in = sessions.new(Account("sam", SUPPORT, None, "h"))
+    for _ in range(MAX_SESSIONS + 50):
+        sessions.new(None)
+    assert sessions.get(signed_in.token) is signed_in
+    assert len(sessions._sessions) <= MAX_SESSIONS
+
+
 def test_security_headers(client: TestClient) -> None:
     response = client.get("/login")
     assert "default-src 'none'" in response.headers["content-security-policy"]
@@ -507,6 +539,8 @@ def test_console_without_the_extra_exits_2_with_one_line(
 
 def test_user_add_and_list(monkeypatch: Any, tmp_path: Path) -> None:
     url = f"sqlite:{tmp_path / 's.db'}"
+    with SQLiteStore(tmp_path / "s.db") as store:
+        block_contoso(make_policy(store), evil_connector=False)  # contoso is now in the store
     monkeypatch.setattr(sys, "stdin", io.StringIO(PASSWORD + "\n"))
     out = io.StringIO()
     args = ["console", "user", "add", "alice", "--role", "tenant-admin", "--tenant", "contoso"]
@@ -521,24 +555,19 @@ def test_user_add_and_list(monkeypatch: Any, tmp_path: Path) -> None:
     assert listed.getvalue() == "alice\ttenant-admin\tcontoso\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO("short\n"))
     assert main([*args, "--password-stdin", "--store", url]) == 1
-    assert (
-        main(
-            [
-                "console",
-                "user",
-                "add",
-                "bob",
-                "--role",
-                "support",
-                "--tenant",
-                "x",
-                "--password-stdin",
-                "--store",
-                url,
-            ]
-        )
-        == 2
-    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PASSWORD + "\n"))
+    unknown = [*args[:-1], "nobody", "--password-stdin", "--store", url]
+    assert main(unknown) == 1
+    support_with_tenant = ["console", "user", "add", "bob", "--role", "support", "--tenant", "x"]
+    assert main([*support_with_tenant, "--password-stdin", "--store", url]) == 2
+
+
+def test_console_refuses_a_redis_store(capsys: Any) -> None:
+    code = main(["console", "user", "list", "--store", "redis://127.0.0.1:1/0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "memory or SQLite store" in err
 
 
 def test_mounted_under_a_prefix(policy: RelayPolicy) -> None:

@@ -91,7 +91,7 @@ def _open(args: argparse.Namespace) -> tuple[StateStore, object]:
 
 
 def _user(args: argparse.Namespace, out: TextIO) -> int:
-    store, _ = _open(args)
+    store, config = _open(args)
     try:
         accounts = accounts_for(store)
         if args.user_command == "list":
@@ -105,6 +105,14 @@ def _user(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         if (args.role == TENANT_ADMIN) != (args.tenant is not None):
             raise CommandError("--tenant is required for a tenant-admin and refused for support")
+        known = set(store.tenants())
+        if config is not None:
+            known |= set(config.matcher.tenants())  # type: ignore[attr-defined]
+        if args.tenant is not None and args.tenant not in known:
+            raise CommandError(
+                f"unknown tenant {args.tenant!r}: not in the configuration or the state store",
+                EXIT_INVALID,
+            )
         if args.password_stdin:
             password = sys.stdin.readline().rstrip("\r\n")
         else:

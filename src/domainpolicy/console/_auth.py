@@ -35,6 +35,8 @@ _P: Final = 1
 _MAXMEM: Final = 64 * 1024 * 1024
 _SCHEME: Final = "scrypt"
 MAX_PASSWORD: Final = 1024
+MAX_SESSIONS: Final = 10_000
+"""Sessions kept at most before anonymous ones are forgotten, oldest first."""
 
 
 def _b64(data: bytes) -> str:
@@ -102,18 +104,23 @@ class Sessions:
         self._sessions: dict[str, Session] = {}
 
     def new(self, account: Account | None, *, replacing: str | None = None) -> Session:
-        """Issue a new session for *account* (None: anonymous, for the login form's token),
-        dropping the session *replacing*."""
+        """Issue a new session for *account* (None: anonymous, for the login form's token, which
+        lasts an hour at most), dropping the session *replacing*.  Past `MAX_SESSIONS`, expired
+        sessions are forgotten, then the oldest anonymous ones."""
         now = self._clock()
+        lifetime = self.lifetime if account is not None else min(self.lifetime, 3600.0)
         session = Session(
-            secrets.token_urlsafe(32), account, secrets.token_urlsafe(32), now + self.lifetime
+            secrets.token_urlsafe(32), account, secrets.token_urlsafe(32), now + lifetime
         )
         with self._lock:
             if replacing is not None:
                 self._sessions.pop(replacing, None)
-            if len(self._sessions) > 10_000:  # forget expired ones now and then
+            if len(self._sessions) >= MAX_SESSIONS:
                 for token in [t for t, s in self._sessions.items() if s.expires <= now]:
                     del self._sessions[token]
+                anonymous = [t for t, s in self._sessions.items() if s.account is None]
+                for token in anonymous[: len(self._sessions) - MAX_SESSIONS + 1]:
+                    del self._sessions[token]  # dicts keep insertion order: oldest first
             self._sessions[session.token] = session
         return session
 
