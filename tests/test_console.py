@@ -161,6 +161,20 @@ def test_missing_or_wrong_csrf_is_refused(
     assert snapshot(policy) == before
 
 
+@pytest.mark.parametrize(
+    "route", [r for r in ROUTES if r.method == "GET"], ids=lambda r: f"{r.method} {r.path}"
+)
+@pytest.mark.parametrize("name", ["alice", "sam"])
+def test_allowed_readers_get_every_page(client: TestClient, route: ConsoleRoute, name: str) -> None:
+    login(client, name)
+    response = client.get(route.path.replace("{tenant}", "contoso"), follow_redirects=False)
+    if name == "alice" and route.access == "support":
+        assert response.status_code == 403
+    else:
+        assert response.status_code == 200
+        assert "contoso" in response.text or "{tenant}" not in route.path
+
+
 def test_tenant_admin_gets_403_on_support_actions_of_own_tenant(
     policy: RelayPolicy, client: TestClient
 ) -> None:
