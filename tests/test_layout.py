@@ -161,6 +161,7 @@ PUBLIC_ALL = {
         "sanitize_action",
         "xtext_decode",
     ],
+    "domainpolicy.console": ["create_app"],
     "domainpolicy.integrations.aiosmtpd": [
         "DELIVERED_REPLY",
         "RECIPIENT_OK_REPLY",

@@ -79,8 +79,12 @@ def test_readme_commands_work_on_a_stock_debian(marker: str) -> None:
     packages = command.split(apt, 1)[1].split(")", 1)[0].split()
     assert "python3-venv" in packages
     if marker == "test-command":
-        assert "redis-server" in packages
-        assert command.startswith("(command -v redis-server >/dev/null && " + check + " || (")
+        assert {"redis-server", "chromium", "chromium-driver"} <= set(packages)
+        assert command.startswith(
+            "(command -v redis-server >/dev/null && command -v chromedriver >/dev/null && "
+            + check
+            + " || ("
+        )
 
 
 @pytest.mark.parametrize("marker", ["main-command", "test-command"])

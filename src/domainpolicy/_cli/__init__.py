@@ -7,7 +7,9 @@ this package.
 * `registry`: ``registry import|export|history`` (the store's tenant registry);
 * `replay`: ``replay``;
 * `serve`: ``serve`` (the Postfix policy server);
-* `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox).
+* `alerts`: ``alerts deliver|list|retry|test`` (the alert outbox);
+* `webconsole`: ``console`` (the web console) and ``console user add|list`` (not named
+  ``console``: that name is the console script's entry point in this package).
 
 Each command module declares a ``COMMANDS`` table and imports `common` and the library, never
 this package.  The command modules are imported when the parser is built, not when this package
@@ -44,7 +46,7 @@ __all__ = [
 
 def commands() -> dict[str, Command]:
     """Every command, in the order ``domainpolicy --help`` lists them."""
-    from . import admin, alerts, names, registry, replay, serve
+    from . import admin, alerts, names, registry, replay, serve, webconsole
 
     return {
         **names.COMMANDS,
@@ -53,6 +55,7 @@ def commands() -> dict[str, Command]:
         **registry.COMMANDS,
         **serve.COMMANDS,
         **alerts.COMMANDS,
+        **webconsole.COMMANDS,
     }
 
 
