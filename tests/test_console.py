@@ -22,12 +22,20 @@ from console_support import (
     login,
     make_policy,
 )
-from domainpolicy import InvalidConfiguration, RelayPolicy, RelayRequest, SQLiteStore
+from domainpolicy import (
+    InvalidConfiguration,
+    RelayPolicy,
+    RelayRequest,
+    SQLiteStore,
+    StateStore,
+    open_store,
+)
 from domainpolicy._cli import main
 from domainpolicy._errors import StoreUnavailable
 from domainpolicy._stores.accounts import (
     SUPPORT,
     Account,
+    AccountStore,
     MemoryAccounts,
     SQLiteAccounts,
     accounts_for,
@@ -36,6 +44,7 @@ from domainpolicy.console import create_app
 from domainpolicy.console._app import ACTIONS, ROUTES, ConsoleRoute
 from domainpolicy.console._auth import hash_password, verify_password
 from domainpolicy.console._chart import relay_chart
+from redis_support import redis_cluster_url, redis_url
 
 # Values that a form of each action accepts (for the authorisation tests).
 GOOD_FIELDS: dict[str, dict[str, str]] = {
@@ -503,8 +512,19 @@ def test_passwords_are_scrypt_hashes() -> None:
     assert not verify_password("x", "md5$nonsense")
 
 
-def test_account_stores(tmp_path: Path) -> None:
-    for accounts in (MemoryAccounts(), SQLiteAccounts(str(tmp_path / "a.db"))):
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "redis-cluster"])
+def test_account_stores(tmp_path: Path, kind: str) -> None:
+    """Every account store keeps accounts and counts login failures in a sliding window."""
+    state: StateStore | None = None
+    if kind == "memory":
+        accounts: AccountStore = MemoryAccounts()
+    elif kind == "sqlite":
+        accounts = SQLiteAccounts(str(tmp_path / "a.db"))
+    else:
+        url = redis_url(tmp_path) if kind == "redis" else redis_cluster_url(tmp_path)
+        state = open_store(url)
+        accounts = accounts_for(state)
+    try:
         accounts.put(Account("sam", SUPPORT, None, "h"))
         assert accounts.get("sam") == Account("sam", SUPPORT, None, "h")
         assert accounts.get("nobody") is None
@@ -515,17 +535,26 @@ def test_account_stores(tmp_path: Path) -> None:
         assert accounts.record_failure("k", 200.0, 10.0) == 1
         accounts.clear_failures("k")
         assert accounts.failures("k", 200.0, 10.0) == 0
+    finally:
+        if state is not None:
+            state.close()
     with pytest.raises(ValueError, match="tenant admin"):
         Account("x", "tenant-admin", None, "h")
 
 
-def test_accounts_live_in_the_sqlite_store_and_redis_is_refused(tmp_path: Path) -> None:
+def test_accounts_live_in_the_store(tmp_path: Path) -> None:
+    """Accounts outlive the process in a SQLite file and in Redis; another store is refused."""
     with SQLiteStore(tmp_path / "s.db") as store:
         accounts_for(store).put(Account("sam", SUPPORT, None, "h"))
     with SQLiteStore(tmp_path / "s.db") as store:
         assert accounts_for(store).get("sam") is not None
-    with pytest.raises(InvalidConfiguration, match="redis"):
-        accounts_for(SimpleNamespace(kind="redis"))  # type: ignore[arg-type]
+    url = redis_url(tmp_path)
+    with open_store(url) as store:
+        accounts_for(store).put(Account("sam", SUPPORT, None, "h"))
+    with open_store(url) as store:
+        assert accounts_for(store).get("sam") == Account("sam", SUPPORT, None, "h")
+    with pytest.raises(InvalidConfiguration, match="not a elsewhere store"):
+        accounts_for(SimpleNamespace(kind="elsewhere"))  # type: ignore[arg-type]
 
 
 def test_chart_draws_bars_running_total_and_limit() -> None:

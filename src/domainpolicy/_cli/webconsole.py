@@ -5,8 +5,8 @@
     domainpolicy console user list --config FILE
 
 Serving needs the ``console`` extra (Starlette, Jinja2, uvicorn); without it the command exits 2
-with one line saying what to install.  The accounts live in the state store (memory or SQLite;
-a Redis store is refused with one line).  Once listening it prints ``listening on
+with one line saying what to install.  The accounts live in the state store (memory, SQLite or
+Redis).  Once listening it prints ``listening on
 http://HOST:PORT`` on stdout.
 
 Declares its commands in `COMMANDS`; imports `common` and the library, and the console package

@@ -1,25 +1,32 @@
 """Console accounts: the small contract the web console keeps its users and its login-attempt
 counters in (`AccountStore`), the `Account` value, and one implementation per store that has
-them (`MemoryAccounts`, `SQLiteAccounts`), found for a state store by `accounts_for`.
+them (`MemoryAccounts`, `SQLiteAccounts`, `RedisAccounts`), found for a state store by
+`accounts_for`.
 
 Accounts live next to the tenant state but apart from it: the SQLite implementation uses its
 own tables (``console_account``, ``console_failure``) in the state store's file, created if
 missing (a domainpolicy without the console ignores them), so no state-store schema changes.
-A Redis store has no accounts yet: `accounts_for` refuses it with one clear message.
+In Redis (and Redis Cluster) the accounts are one hash, ``<prefix>console:accounts`` (a handful
+of operators: one slot is plenty), and each login-attempt counter a sorted set of attempt
+times, ``<prefix>console:failures:<key>``, trimmed to the window and expiring with it, updated
+by one script so that concurrent consoles count every attempt.
 
 Imports the standard library, `domainpolicy._errors` and the memory and SQLite backends (to
-recognise them); nothing in the stores imports this module.
+recognise them; redis-py only inside the Redis implementation, when a Redis store is used);
+nothing in the stores imports this module.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 import sqlite3
 import threading
+import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import Final
+from typing import Any, Final
 
 import attrs
 
@@ -35,6 +42,7 @@ __all__ = [
     "Account",
     "AccountStore",
     "MemoryAccounts",
+    "RedisAccounts",
     "SQLiteAccounts",
     "accounts_for",
 ]
@@ -238,16 +246,96 @@ class SQLiteAccounts(AccountStore):
             db.execute("DELETE FROM console_failure WHERE key = ?", (key,))
 
 
+_RECORD_FAILURE_LUA: Final = """
+-- KEYS: 1 the counter; ARGV: 1 drop attempts at or before, 2 now, 3 member, 4 window ms
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class RedisAccounts(AccountStore):
+    """Accounts in a `RedisStore`'s Redis (or Redis Cluster), beside the tenant state (see the
+    module docstring for the keys).
+
+    Args:
+        store: the Redis store (its client and key prefix are used).
+    """
+
+    def __init__(self, store: StateStore) -> None:
+        self._client: Any = store._client  # type: ignore[attr-defined]  # a RedisStore
+        self._fail: Any = store._fail  # type: ignore[attr-defined]
+        prefix = str(store.prefix)  # type: ignore[attr-defined]
+        self._accounts = prefix + "console:accounts"
+        self._failures = prefix + "console:failures:"
+        self._record = self._client.register_script(_RECORD_FAILURE_LUA)
+
+    @contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        import redis
+        from redis.exceptions import RedisClusterException
+
+        try:
+            yield
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise self._fail(f"console {what}", exc) from exc
+
+    @staticmethod
+    def _text(value: object) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def _account(self, name: str, raw: object) -> Account:
+        data = json.loads(self._text(raw))
+        return Account(name, data["role"], data["tenant"], data["password_hash"])
+
+    def get(self, name: str) -> Account | None:
+        with self._calling("account read"):
+            raw = self._client.hget(self._accounts, name)
+        return None if raw is None else self._account(name, raw)
+
+    def put(self, account: Account) -> None:
+        data = {
+            "role": account.role,
+            "tenant": account.tenant,
+            "password_hash": account.password_hash,
+        }
+        with self._calling("account write"):
+            self._client.hset(self._accounts, account.name, json.dumps(data))
+
+    def list(self) -> list[Account]:
+        with self._calling("account list"):
+            rows = self._client.hgetall(self._accounts)
+        accounts = [self._account(self._text(k), v) for k, v in rows.items()]
+        return sorted(accounts, key=lambda a: a.name)
+
+    def record_failure(self, key: str, now: float, window: float) -> int:
+        member = f"{now!r}:{uuid.uuid4().hex}"
+        args = [repr(now - window), repr(now), member, max(1, int(window * 1000))]
+        with self._calling("login failure"):
+            count = self._record(keys=[self._failures + key], args=args)
+        return int(count)
+
+    def failures(self, key: str, now: float, window: float) -> int:
+        with self._calling("login failures read"):
+            count = self._client.zcount(self._failures + key, f"({now - window!r}", "+inf")
+        return int(count)
+
+    def clear_failures(self, key: str) -> None:
+        with self._calling("login failures clear"):
+            self._client.delete(self._failures + key)
+
+
 _MEMORY: weakref.WeakKeyDictionary[MemoryStore, MemoryAccounts] = weakref.WeakKeyDictionary()
 _MEMORY_LOCK = threading.Lock()
 
 
 def accounts_for(store: StateStore) -> AccountStore:
     """The accounts kept with *store*: in memory for a `MemoryStore` (one per store), in the
-    same file for a `SQLiteStore`.
+    same file for a `SQLiteStore`, in the same Redis (or Redis Cluster) for a `RedisStore`.
 
     Raises:
-        InvalidConfiguration: the store keeps no accounts (Redis, Redis Cluster).
+        InvalidConfiguration: the store keeps no accounts (another kind of store).
         StoreUnavailable: the SQLite file cannot be opened.
     """
     if isinstance(store, MemoryStore):
@@ -258,9 +346,11 @@ def accounts_for(store: StateStore) -> AccountStore:
             return found
     if isinstance(store, SQLiteStore):
         return SQLiteAccounts(store.path, timeout=store.timeout)
+    if getattr(store, "kind", None) == "redis" and hasattr(store, "_client"):
+        return RedisAccounts(store)
     raise InvalidConfiguration(
         [
-            f"the console keeps its accounts in a memory or SQLite store, not a "
+            f"the console keeps its accounts in a memory, SQLite or Redis store, not a "
             f"{getattr(store, 'kind', type(store).__name__)} store"
         ]
     )

@@ -47,7 +47,8 @@ def create_app(
 
     Raises:
         ImportError: the ``console`` extra is not installed.
-        InvalidConfiguration: the store keeps no accounts (Redis) and none were given.
+        InvalidConfiguration: the store keeps no accounts (not a memory, SQLite or Redis store)
+            and none were given.
     """
     from domainpolicy._stores.accounts import accounts_for
     from domainpolicy.console._app import Console, build_app
