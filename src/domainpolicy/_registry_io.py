@@ -63,11 +63,15 @@ def _record_connectors(
     *,
     actor: str,
     now: float,
+    undated_are_new: bool = True,
 ) -> None:
     """Put each connector on its tenant's checklist (created at its ``created_at``, else
-    *now*); one already listed is left as is."""
+    *now*; with *undated_are_new* False a connector without ``created_at`` is left off: its
+    age is unknown); one already listed is left as is."""
     for connector in connectors:
         created = connector.created_at
+        if created is None and not undated_are_new:
+            continue
         when = now if created is None else created.timestamp()
 
         def event(
@@ -101,13 +105,17 @@ def import_configuration(
     reason: str = "",
     replace: bool = False,
     dry_run: bool = False,
+    undated_are_new: bool = True,
 ) -> tuple[list[RegistryChange], RegistryRecord | None]:
     """Make the registry hold *domains* and *connectors*: one record with the difference
     (additions and changes; with *replace*, removals of everything not listed, too).
 
     Every connector added or changed is put on its tenant's checklist (item 6 of issue 14: a
     connector created inside the look-back window is reviewed at block time, however it was
-    created).  With *dry_run* the changes are validated and returned, and nothing is written.
+    created), at its ``created_at`` or, without one, now (*undated_are_new*; the seed of an
+    empty registry passes False: the connectors of the operator's file are the ones that were
+    there before, not new ones).  With *dry_run* the changes are validated and returned, and
+    nothing is written.
 
     Returns the changes and the committed record (None: nothing to do, or *dry_run*).
 
@@ -124,7 +132,7 @@ def import_configuration(
         return changes, None
     record = registry.registry_commit(changes, actor=actor, reason=reason, now=now)
     added = [c.connector for c in changes if c.connector is not None]
-    _record_connectors(store, machine, added, actor=actor, now=now)
+    _record_connectors(store, machine, added, actor=actor, now=now, undated_are_new=undated_are_new)
     return changes, record
 
 
@@ -148,6 +156,7 @@ def seed_registry(config: PolicyConfig, store: StateStore, *, now: float) -> Reg
         reason=f"seeded from {config.source}",
         now=now,
         machine=BlockMachine(config.block_policy),
+        undated_are_new=False,
     )
     return record
 
