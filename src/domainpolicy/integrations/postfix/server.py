@@ -639,6 +639,7 @@ class PolicyServer:
         self._closing = False
         self._closed = asyncio.Event()
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._owns_path = True  # a UNIX socket file this server bound (and removes at close)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -656,8 +657,14 @@ class PolicyServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return ListenAddress(host=self._listen.host, port=port)
 
-    async def start(self, listen: str | ListenAddress) -> None:
+    async def start(
+        self, listen: str | ListenAddress, *, sock: socket.socket | None = None
+    ) -> None:
         """Bind *listen* (see `parse_listen_address`) and start accepting connections.
+
+        With *sock*, a listening socket bound to *listen* already (by a supervisor that forks
+        several servers sharing it), accept on *sock* instead of binding: its mode and group are
+        left as they are, and `close` leaves a UNIX socket's file to the socket's owner.
 
         Raises:
             InvalidConfiguration: *listen* cannot be parsed, or a live server already owns the
@@ -669,7 +676,13 @@ class PolicyServer:
             raise RuntimeError("the policy server is already started")
         address = parse_listen_address(listen) if isinstance(listen, str) else listen
         loop = asyncio.get_running_loop()
-        if address.path is not None:
+        if sock is not None:
+            if address.path is not None:
+                self._server = await loop.create_unix_server(self._protocol, sock=sock)
+            else:
+                self._server = await loop.create_server(self._protocol, sock=sock)
+            self._owns_path = False
+        elif address.path is not None:
             _remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(self._protocol, path=address.path)
             try:
@@ -745,7 +758,7 @@ class PolicyServer:
                 await asyncio.wait(pending)
         if self._server is not None:
             await self._server.wait_closed()
-        if self._listen is not None and self._listen.path is not None:
+        if self._listen is not None and self._listen.path is not None and self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._listen.path)
         if self._metrics_endpoint is not None:
