@@ -663,8 +663,11 @@ class PolicyServer:
         """Bind *listen* (see `parse_listen_address`) and start accepting connections.
 
         With *sock*, a listening socket bound to *listen* already (by a supervisor that forks
-        several servers sharing it), accept on *sock* instead of binding: its mode and group are
-        left as they are, and `close` leaves a UNIX socket's file to the socket's owner.
+        several servers sharing it), accept on *sock* instead of binding: its mode, group and
+        listen backlog are left as they are, `close` leaves a UNIX socket's file to the
+        socket's owner, and the server takes one waiting connection each time the socket is
+        ready (rather than up to a hundred), so that a burst of new connections is shared
+        among the processes accepting on it instead of going to the first one awake.
 
         Raises:
             InvalidConfiguration: *listen* cannot be parsed, or a live server already owns the
@@ -677,10 +680,11 @@ class PolicyServer:
         address = parse_listen_address(listen) if isinstance(listen, str) else listen
         loop = asyncio.get_running_loop()
         if sock is not None:
+            shared = _SharedListener(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
             if address.path is not None:
-                self._server = await loop.create_unix_server(self._protocol, sock=sock)
+                self._server = await loop.create_unix_server(self._protocol, sock=shared, backlog=1)
             else:
-                self._server = await loop.create_server(self._protocol, sock=sock)
+                self._server = await loop.create_server(self._protocol, sock=shared, backlog=1)
             self._owns_path = False
         elif address.path is not None:
             _remove_stale_socket(address.path)
@@ -812,6 +816,14 @@ class PolicyServer:
 
     def _protocol(self) -> _Connection:
         return _Connection(self)
+
+
+class _SharedListener(socket.socket):
+    """A socket another process already listens on: ``listen`` keeps its backlog (asyncio
+    calls it with the number of connections to accept per wake-up, here 1)."""
+
+    def listen(self, backlog: int = 0, /) -> None:
+        """Nothing to do: the socket listens already."""
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:

@@ -1,0 +1,406 @@
+"""``domainpolicy serve --workers N``: several processes on one socket, under a supervisor.
+
+Each test runs the real command in a child process (with the SQLite store, or Redis where the
+store matters), drives it over TCP or a UNIX socket, and reads the store back: decisions are
+those of one worker, a tenant crossing its limit from both workers is blocked once, SIGHUP
+reaches every worker, a SIGKILLed worker loses no counted decision and comes back, SIGTERM
+drains and exits 0, and the metrics are the sum over the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from domainpolicy._cli import EXIT_USAGE, main
+from domainpolicy._stores import open_store
+from domainpolicy.integrations._metrics import (
+    PolicyMetrics,
+    SummedMetrics,
+    retire_snapshot,
+    write_snapshot,
+)
+from redis_support import redis_url
+
+SAFETY = 60.0  # seconds: a safety net against hangs, never an assertion about speed
+
+CONFIG = """\
+[store]
+url = "sqlite:state.sqlite3"
+
+[policy]
+message_limit = 1000
+domain_limit = 8
+
+[tenants.contoso]
+domains = ["contoso.example"]
+
+[[connectors]]
+name = "contoso-onprem"
+tenant = "contoso"
+sender_ip_ranges = ["192.0.2.0/24"]
+created_at = 2020-01-01T00:00:00Z
+"""
+WITH_FABRIKAM = CONFIG + '\n[tenants.fabrikam]\ndomains = ["fabrikam.example"]\n'
+
+
+def request(sender: str, instance: str, client: str = "192.0.2.1") -> bytes:
+    """A RCPT-time policy request for message *instance*."""
+    return (
+        "request=smtpd_access_policy\nprotocol_state=RCPT\n"
+        f"client_address={client}\nsender={sender}\nrecipient=bob@dest.example\n"
+        f"instance={instance}\n\n"
+    ).encode()
+
+
+def connect(address: str) -> socket.socket:
+    """A client socket connected to ``HOST:PORT`` or ``unix:/path``."""
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(SAFETY)
+        sock.connect(address[5:])
+        return sock
+    host, _, port = address.rpartition(":")
+    return socket.create_connection((host, int(port)), timeout=SAFETY)
+
+
+def exchange(sock: socket.socket, data: bytes) -> str:
+    """Send one request on *sock*; its action (ConnectionError if the server went away)."""
+    sock.sendall(data)
+    reply = b""
+    while not reply.endswith(b"\n\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionResetError("the server closed the connection")
+        reply += chunk
+    assert reply.startswith(b"action=")
+    return reply[len(b"action=") : -2].decode()
+
+
+def ask(address: str, data: bytes) -> str:
+    """One request on a new connection."""
+    with connect(address) as sock:
+        return exchange(sock, data)
+
+
+def metric(url: str, name: str) -> int:
+    """The value of the unlabelled metric *name* at *url*."""
+    with urllib.request.urlopen(url, timeout=SAFETY) as response:
+        text: str = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[1]))
+    raise AssertionError(f"{name} not in the exposition")
+
+
+class Serve:
+    """``domainpolicy serve --json --workers N`` in a child process, with metrics."""
+
+    def __init__(
+        self, config: Path, workers: int, listen: str = "127.0.0.1:0", store: str | None = None
+    ) -> None:
+        """Start it and read its line (address, metrics URL, worker pids)."""
+        self.stderr = config.parent / f"serve-{workers}.stderr"
+        argv = [sys.executable, "-m", "domainpolicy", "serve", "--json", "--config", str(config)]
+        argv += ["--listen", listen, "--metrics", "127.0.0.1:0", "--workers", str(workers)]
+        argv += ["--store", store] if store is not None else []
+        with open(self.stderr, "wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                cwd=config.parent,
+            )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, self.stderr.read_text()
+        self.ready = json.loads(line)
+        self.address: str = self.ready["listening"]
+        self.metrics: str = self.ready["metrics"]
+
+    def log(self) -> str:
+        """What it logged so far."""
+        return self.stderr.read_text()
+
+    def wait_for(self, name: str, value: int) -> None:
+        """Poll the metric *name* until it reaches *value* (a bounded wait, not a timing)."""
+        for _ in range(int(SAFETY / 0.05)):
+            if metric(self.metrics, name) >= value:
+                return
+            assert self.process.poll() is None, self.log()
+            time.sleep(0.05)
+        raise AssertionError(f"{name} never reached {value}")
+
+    def wait_for_log(self, text: str) -> None:
+        """Wait until *text* appears in the log."""
+        for _ in range(int(SAFETY / 0.05)):
+            if text in self.log():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never logged:\n{self.log()}")
+
+    def close(self) -> int:
+        """SIGKILL it (and its workers) if it still runs; reap it; its exit code."""
+        if self.process.poll() is None:
+            for pid in _children(self.process.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+        code = self.process.wait(SAFETY)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        return code
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            return [int(p) for p in file.read().split()]
+    except OSError:
+        return []
+
+
+def workers_that_answered(log: str) -> set[str]:
+    """The ``worker=N`` of every request log line."""
+    return {
+        line.split(" worker=", 1)[1].split()[0]
+        for line in log.splitlines()
+        if " policy conn=" in line
+    }
+
+
+def store_url(kind: str, tmp_path: Path) -> str:
+    """A fresh store of *kind*: a new SQLite file or the flushed session Redis server."""
+    if kind == "redis":
+        return redis_url(tmp_path)
+    return f"sqlite:{tmp_path}/state-{len(list(tmp_path.iterdir()))}.sqlite3"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    """The configuration file (a SQLite store next to it unless a test says otherwise)."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(CONFIG)
+    return path
+
+
+def sequence() -> list[bytes]:
+    """Distinct messages: contoso's own domain, and forged domains from its connector that
+    cross the distinct-domain limit (the 9th blocks), then more of both."""
+    requests = []
+    for i in range(30):
+        if i % 3 == 0:
+            requests.append(request(f"user{i}@contoso.example", f"seq-{i}"))
+        else:
+            requests.append(request(f"spam@forged{i % 14}.example", f"seq-{i}"))
+    return requests
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_two_workers_decide_as_one(config: Path, tmp_path: Path, kind: str) -> None:
+    """The same sequence of distinct messages, each on a new connection, gets the same answers
+    from one worker and from two (which both answer some of it)."""
+    answers = {}
+    for workers in (1, 2):
+        serve = Serve(config, workers, store=store_url(kind, tmp_path))
+        try:
+            answers[workers] = [ask(serve.address, data) for data in sequence()]
+            assert serve.process.poll() is None
+            serve.process.send_signal(signal.SIGTERM)
+            assert serve.process.wait(SAFETY) == 0
+            if workers == 2:
+                assert workers_that_answered(serve.log()) == {"1", "2"}
+        finally:
+            serve.close()
+    assert answers[1] == answers[2]
+    assert "DUNNO" in answers[1]
+    assert any(action.startswith("550 5.7.750 ") for action in answers[1])
+
+
+def blast(
+    address: str, connections: int, per_connection: int, prefix: str, domain: str | None = None
+) -> list[str]:
+    """*connections* clients at once, each sending *per_connection* distinct messages on its
+    own connection, from distinct forged domains (or from *domain*); every action (a request
+    whose connection was lost is sent again on a new one, as Postfix does)."""
+    actions: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(connections)
+
+    def client(c: int) -> None:
+        try:
+            sock = connect(address)
+            barrier.wait(SAFETY)
+            for n in range(per_connection):
+                sender = f"u{c}x{n}@{domain}" if domain else f"spam@{prefix}{c}x{n}.example"
+                data = request(sender, f"{prefix}-{c}-{n}")
+                while True:
+                    try:
+                        action = exchange(sock, data)
+                        break
+                    except OSError:
+                        sock.close()
+                        sock = connect(address)
+                with lock:
+                    actions.append(action)
+            sock.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SAFETY)
+    assert not errors, errors
+    return actions
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_one_block_transition_from_both_workers_at_once(
+    config: Path, tmp_path: Path, kind: str
+) -> None:
+    """A tenant crossing its limit from both workers at once is blocked exactly once, and
+    every request is answered."""
+    url = store_url(kind, tmp_path)
+    serve = Serve(config, 2, store=url)
+    try:
+        actions = blast(serve.address, 16, 6, "burst")
+        assert len(actions) == 96
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(SAFETY) == 0
+        assert workers_that_answered(serve.log()) == {"1", "2"}
+    finally:
+        serve.close()
+    assert actions.count("DUNNO") == 8  # the 9th distinct forged domain blocks
+    assert all(a.startswith("550 5.7.750 ") for a in actions if a != "DUNNO")
+    with open_store(url) as store:
+        history = store.history("contoso")
+        state = store.load("contoso")
+    blocks = [r for r in history if r.before != "blocked" and r.after == "blocked"]
+    assert len(blocks) == 1, history
+    assert state.state.value == "blocked"
+
+
+def test_reload_kill_and_drain_on_a_unix_socket(config: Path, tmp_path: Path) -> None:
+    """SIGHUP reloads every worker; a SIGKILLed worker loses no counted decision and is
+    restarted; the metrics are the sum and never go backwards; SIGTERM drains and exits 0."""
+    listen = f"unix:{tmp_path}/policy.sock"
+    serve = Serve(config, 2, listen=listen)
+    try:
+        assert serve.ready["workers"] == 2
+        assert oct(os.stat(tmp_path / "policy.sock").st_mode & 0o777) == oct(0o660)
+        assert ask(serve.address, request("a@fabrikam.example", "r0", "203.0.113.1")).startswith(
+            "550 5.7.64 "
+        )
+        config.write_text(WITH_FABRIKAM)
+        os.kill(serve.process.pid, signal.SIGHUP)
+        serve.wait_for("domainpolicy_policy_reloads_total", 2)  # one per worker
+        log = serve.log()
+        assert "worker=1 reload: configuration" in log
+        assert "worker=2 reload: configuration" in log
+        for i in range(20):  # new connections, whichever worker takes them
+            assert ask(serve.address, request("a@fabrikam.example", f"f{i}", "203.0.113.1")) == (
+                "DUNNO"
+            )
+
+        # Load on both workers while one is killed: every request gets an answer.
+        victim = serve.ready["pids"][0]
+        answered: list[str] = []
+
+        def load() -> None:
+            answered.extend(blast(serve.address, 8, 40, "kill", "contoso.example"))
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        serve.wait_for("domainpolicy_policy_requests_total", 80)
+        before = metric(serve.metrics, "domainpolicy_policy_requests_total")
+        os.kill(victim, signal.SIGKILL)
+        thread.join(SAFETY)
+        assert len(answered) == 320
+        assert set(answered) == {"DUNNO"}
+        serve.wait_for_log(f"worker 1 (pid {victim}) died (killed by SIGKILL)")
+        serve.wait_for_log("worker 1 ready (pid ")
+        assert metric(serve.metrics, "domainpolicy_policy_requests_total") >= before
+        for i in range(20):
+            assert ask(serve.address, request("a@contoso.example", f"after-{i}")) == "DUNNO"
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(SAFETY) == 0
+    finally:
+        serve.close()
+    assert not (tmp_path / "policy.sock").exists()
+    with open_store(f"sqlite:{tmp_path}/state.sqlite3") as store:
+        counted = store.load("contoso").window.total
+    # Every answered message was counted (a request lost with the worker and sent again may
+    # have been counted twice: at most one per connection of the killed worker).
+    assert 320 + 20 <= counted <= 320 + 20 + 8
+    log = serve.log()
+    assert "Traceback" not in log
+    assert "all workers stopped" in log
+
+
+def test_workers_refuse_an_address_in_use(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    """With --workers the supervisor binds: an address in use exits 2 with one line (before
+    anything is forked)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            ["serve", "--config", str(config), "--listen", f"127.0.0.1:{port}", "--workers", "2"]
+        )
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.startswith(f"domainpolicy: error: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_workers_option_is_validated(
+    capsys: pytest.CaptureFixture[str], config: Path, value: str
+) -> None:
+    """--workers takes a positive number or auto."""
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(config), "--listen", "127.0.0.1:0", "--workers", value])
+    assert exited.value.code == EXIT_USAGE
+    assert "--workers" in capsys.readouterr().err
+
+
+def test_summed_metrics_add_up_workers_and_keep_the_dead(tmp_path: Path) -> None:
+    """The sum over workers' files; a retired worker's counters stay, its connections don't."""
+    one, two = PolicyMetrics(), PolicyMetrics()
+    one.observe("DUNNO", 0.0004)
+    one.observe("550 5.7.750 no", 0.02)
+    one.connections = one.connections_active = 2
+    two.observe("DUNNO", 3.0)
+    two.count_malformed("truncated")
+    two.connections = two.connections_active = 1
+    write_snapshot(one, str(tmp_path), "worker1-10")
+    write_snapshot(two, str(tmp_path), "worker2-11")
+    summed = SummedMetrics(str(tmp_path))
+    total = summed.total()
+    assert total.requests == 3
+    assert total.actions["dunno"] == 2
+    assert total.actions["5xx"] == 1
+    assert total.malformed == {"truncated": 1}
+    assert total.connections_active == 3
+    assert total.latency_counts()[0] == (0.0005, 1)
+    assert total.latency_counts()[-1] == (float("inf"), 3)
+    assert total.latency_sum == pytest.approx(3.0204)
+    retire_snapshot(str(tmp_path), "worker1-10")
+    total = summed.total()
+    assert (total.requests, total.connections, total.connections_active) == (3, 3, 1)
+    text = generate_latest(summed.registry)
+    assert b"domainpolicy_policy_requests_total 3.0" in text
