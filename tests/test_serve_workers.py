@@ -9,9 +9,12 @@ drains and exits 0, and the metrics are the sum over the workers.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -24,6 +27,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from domainpolicy._cli import EXIT_USAGE, main
+from domainpolicy._config import load_config
 from domainpolicy._stores import open_store
 from domainpolicy.integrations._metrics import (
     PolicyMetrics,
@@ -31,7 +35,11 @@ from domainpolicy.integrations._metrics import (
     retire_snapshot,
     write_snapshot,
 )
+from domainpolicy.integrations.postfix import make_handler, parse_request
+from postfix_harness import PostfixInstance, postfix_instance, postfix_root
 from redis_support import redis_url
+
+__all__ = ["postfix_instance", "postfix_root"]  # fixtures, imported for pytest to find
 
 SAFETY = 60.0  # seconds: a safety net against hangs, never an assertion about speed
 
@@ -404,3 +412,82 @@ def test_summed_metrics_add_up_workers_and_keep_the_dead(tmp_path: Path) -> None
     assert (total.requests, total.connections, total.connections_active) == (3, 3, 1)
     text = generate_latest(summed.registry)
     assert b"domainpolicy_policy_requests_total 3.0" in text
+
+
+def test_the_same_instance_on_two_workers_counts_once_per_worker(
+    config: Path, tmp_path: Path
+) -> None:
+    """What two workers do with one message whose requests arrive on two connections that
+    land on different workers: each worker has its own per-message cache, so each decides and
+    counts the message once (at most one count per worker); on one worker, once in all."""
+    url = f"sqlite:{tmp_path}/instances.sqlite3"
+    configuration = load_config(config)
+    stores = [open_store(url), open_store(url)]  # a connection per process, as after the fork
+    try:
+        handlers = [make_handler(configuration.build_policy(store=s)) for s in stores]
+        first = parse_request(request("a@contoso.example", "shared-1"))
+        second = parse_request(request("a@contoso.example", "shared-1").replace(b"bob@", b"eve@"))
+
+        async def run() -> list[str]:
+            one_worker = [await handlers[0](first), await handlers[0](second)]
+            other = parse_request(request("a@contoso.example", "shared-2"))
+            other_second = parse_request(
+                request("a@contoso.example", "shared-2").replace(b"bob@", b"eve@")
+            )
+            two_workers = [await handlers[0](other), await handlers[1](other_second)]
+            return one_worker + two_workers
+
+        assert asyncio.run(run()) == ["DUNNO"] * 4
+        # shared-1 on one worker: 1; shared-2 on two workers: 2.
+        assert stores[0].load("contoso").window.total == 3
+    finally:
+        for store in stores:
+            store.close()
+
+
+POSTFIX_CONFIG = CONFIG.replace('"192.0.2.0/24"', '"127.0.0.0/8"')
+REJECTED = (
+    "5.7.750 <bob@dest.example>: Recipient address rejected: Service unavailable. "
+    "Client blocked from sending from unregistered domains"
+)
+
+
+@pytest.mark.postfix
+def test_workers_behind_a_real_postfix(postfix_instance: PostfixInstance, tmp_path: Path) -> None:
+    """``serve --workers 2`` on Postfix's policy port: several smtpd processes (each with its
+    own policy connection) relay through it; the 9th distinct forged domain is refused with
+    exactly 550 5.7.750, once, and SIGTERM exits 0."""
+    config = tmp_path / "tenants.toml"
+    config.write_text(POSTFIX_CONFIG)
+    serve = Serve(config, 2, listen=f"127.0.0.1:{postfix_instance.policy_port}")
+    clients = [smtplib.SMTP("127.0.0.1", postfix_instance.smtp_port, timeout=30) for _ in range(6)]
+    try:
+        replies = []
+        for i in range(12):
+            client = clients[i % len(clients)]
+            if i == 0:
+                for c in clients:
+                    c.ehlo("onprem.contoso.example")
+            assert client.mail(f"spam@forged{i}.example")[0] == 250
+            code, text = client.rcpt("bob@dest.example")
+            replies.append((code, text.decode()))
+            client.rset()
+        assert replies[:8] == [(250, "2.1.5 Ok")] * 8
+        assert replies[8:] == [(550, REJECTED)] * 4
+        assert clients[0].mail("alice@contoso.example")[0] == 250
+        assert clients[0].rcpt("bob@dest.example")[0] == 250
+        clients[0].rset()
+    finally:
+        for client in clients:
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                client.quit()
+    serve.process.send_signal(signal.SIGTERM)
+    try:
+        assert serve.process.wait(SAFETY) == 0
+    finally:
+        serve.close()
+    with open_store(f"sqlite:{tmp_path}/state.sqlite3") as store:
+        history = store.history("contoso")
+    assert len([r for r in history if r.after == "blocked" and r.before != "blocked"]) == 1
+    assert workers_that_answered(serve.log()) <= {"1", "2"}
+    assert "policy server closed" in serve.log()
