@@ -10,14 +10,28 @@ Servers measured (``--servers``, default all):
 * ``trivial``: `PolicyServer` with a handler answering ``DUNNO`` (the protocol layer alone);
 * ``memory``, ``sqlite``, ``redis``: the real ``domainpolicy serve`` command (`make_handler`
   and `RelayPolicy`) with that store, ``--log-level warning``; every request is a new message
-  (its own ``instance``) from one of 1,000 tenants' accepted domains, so every request is a
-  decision that counts in the store.  Redis: a ``redis-server`` started on a free loopback
-  port (skipped if it is not installed).  These run with `make_handler`'s group commit
-  (requests that arrive while a decision runs are decided together by one
-  `RelayPolicy.evaluate_many`, up to 256);
+  (its ``instance`` carries a serial number over the whole run: warm-up, levels, contenders and
+  rounds never repeat one, so no request is answered from the per-message cache) from one of
+  1,000 tenants' accepted domains, so every request is a decision that counts in the store.
+  Redis: a ``redis-server`` started on a free loopback port (skipped if it is not installed).
+  These run with `make_handler`'s group commit (requests that arrive while a decision runs are
+  decided together by one `RelayPolicy.evaluate_many`, up to 256);
 * ``sqlite-nobatch``, ``redis-nobatch``: the same with ``--max-batch 1`` (each request decided
-  alone in its own worker thread hop, as before group commit), so one run measures batching
-  on and off side by side; the script prints the on/off throughput ratio per level.
+  alone), so one run measures batching on and off side by side;
+* ``--workers 1,2,auto``: each store server once per value of ``serve --workers`` (the
+  supervisor and its forked workers), printed as ``sqlite w2`` and compared with one worker.
+
+Every server is started first and stays up; each concurrency level is then measured in
+``--rounds`` passes, each pass running every contender once in a rotated order (round-robin),
+so a change of load on this shared machine hits every contender alike.  Besides requests/s and
+latency, each row gives the CPU seconds per request of the server (its processes, from
+``/proc``) and of the load generator: on a host with as many cores as needed, N workers can
+reach about N / (server CPU per request) requests/s until the store is the limit.
+
+``--rss-domains N`` measures memory instead: ``serve --workers W`` (memory store) on N
+generated accepted domains, 32,000 requests for random domains through the workers, then the
+RSS, PSS and private memory of the supervisor and each worker (``/proc/PID/smaps_rollup``):
+what an extra worker adds is its private memory.
 
 The load generator is one thread driving non-blocking sockets with `selectors` (a few
 microseconds of Python per request), so most of the machine goes to the server; it still runs
@@ -27,6 +41,9 @@ on the same cores.
     python benchmarks/bench_policy_server.py --quick    # 4000 requests per level
     python benchmarks/bench_policy_server.py --log      # with the per-request INFO log line
     python benchmarks/bench_policy_server.py --servers sqlite,sqlite-nobatch --levels 1,10,50
+    python benchmarks/bench_policy_server.py --quick --servers trivial,memory,sqlite,redis \
+        --workers 1,2,auto
+    python benchmarks/bench_policy_server.py --rss-domains 1000000 --workers 1,2
 """
 
 from __future__ import annotations
@@ -439,11 +456,12 @@ def measure_rss(domains: int, workers: Sequence[str]) -> None:
                 out.write(f"d{i}.tenant{i % tenants}.example\tt{i % tenants}\n")
         config = Path(scratch) / "tenants.toml"
         lines = [
+            'domains_file = "domains.tsv"',
+            "",
             "[policy]",
             "message_limit = 1000000000",
             "domain_limit = 1000000",
             "max_tracked_domains = 1000001",
-            'domains_file = "domains.tsv"',
             "",
         ]
         config.write_text("\n".join(lines))
