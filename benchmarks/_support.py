@@ -9,6 +9,9 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+import redis
 
 from domainpolicy import _names
 
@@ -32,6 +35,45 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
         except OSError:
             time.sleep(0.05)
     return process, f"redis://127.0.0.1:{port}/0"
+
+
+def start_cluster(directory: str, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """A local Redis Cluster of *size* primaries without replicas on free loopback ports."""
+    processes, ports = [], []
+    for n in range(size):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        node = Path(directory) / f"node{n}"
+        node.mkdir()
+        processes.append(
+            subprocess.Popen(
+                [
+                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"{node}/nodes.conf",
+                    "--save", "", "--appendonly", "no", "--dir", str(node),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        ports.append(port)
+    for port in ports:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(200):
+        if all("cluster_state:ok" in str(redis.Redis(port=p).cluster("INFO")) for p in ports):
+            break
+        time.sleep(0.05)
+    return processes, ports
 
 
 @contextlib.contextmanager

@@ -72,6 +72,7 @@ from domainpolicy.integrations import PolicyRequest, PolicyServer
 __all__ = ["main"]
 
 TENANTS = 1000
+_SCALE = {"tenants": TENANTS}
 _HEAD = (
     "request=smtpd_access_policy\nprotocol_state=RCPT\nprotocol_name=ESMTP\n"
     "client_address=192.0.2.7\nclient_name=mx.client.example\nclient_port=40312\n"
@@ -99,16 +100,18 @@ def request(connection: int, number: int) -> bytes:
     serial number over the whole run, so no request (warm-up, levels, contenders, rounds) is
     ever answered from a server's per-message cache."""
     serial = next(_SERIAL)
-    tenant = (connection * 7919 + serial) % TENANTS
+    tenant = (connection * 7919 + serial) % _SCALE["tenants"]
     return (
         f"{_HEAD}sender=user{number}@tenant{tenant}.example\n"
         f"instance={os.getpid():x}.{serial:x}.{connection:x}.{number:x}\n{_TAIL}"
     ).encode()
 
 
-def config_text(tenants: int = TENANTS) -> str:
-    """A configuration with *tenants* tenants and limits the run never reaches."""
-    lines = [
+def config_text(tenants: int = TENANTS, domains_file: str | None = None) -> str:
+    """A configuration with *tenants* tenants and limits the run never reaches (their other
+    accepted domains in *domains_file*, if given)."""
+    lines = [f'domains_file = "{domains_file}"', ""] if domains_file else []
+    lines += [
         "[policy]",
         "message_limit = 1000000000",
         "domain_limit = 1000000",
@@ -290,6 +293,7 @@ def contenders_for(
     config: Path,
     log: bool,
     redis_url: Callable[[], str | None],
+    cluster_url: Callable[[], str],
 ) -> list[Contender]:
     """Start every server of the run (each stays up, idle while the others are measured)."""
     started: list[Contender] = []
@@ -299,7 +303,10 @@ def contenders_for(
             argv += ["--log"] if log else []
             started.append(Contender(name, "1", argv, lambda _c, _n: REQUEST))
             continue
-        store, _, variant = name.partition("-")
+        if name.startswith("redis-cluster"):
+            store, variant = "redis-cluster", name[len("redis-cluster") :].lstrip("-")
+        else:
+            store, _, variant = name.partition("-")
         if variant not in ("", "nobatch"):
             raise SystemExit(f"unknown server {name!r}")
         for count in workers:
@@ -307,6 +314,8 @@ def contenders_for(
                 url = "memory:"
             elif store == "sqlite":
                 url = f"sqlite:{scratch}/state-{len(os.listdir(scratch))}.sqlite3"
+            elif store == "redis-cluster":
+                url = cluster_url()
             elif store == "redis":
                 found = redis_url()
                 if found is None:
@@ -336,6 +345,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--workers", default="1", help="comma-separated serve --workers values (N or auto)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes per level")
+    parser.add_argument("--tenants", type=int, default=TENANTS, help="tenants (default 1000)")
+    parser.add_argument(
+        "--domains-per-tenant",
+        type=int,
+        default=1,
+        metavar="N",
+        help="accepted domains per tenant (the others in a domains file; default 1)",
+    )
     parser.add_argument(
         "--rss-domains",
         type=int,
@@ -363,7 +380,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="bench-policy-server-") as scratch:
         config = Path(scratch) / "tenants.toml"
-        config.write_text(config_text())
+        _SCALE["tenants"] = args.tenants
+        extra = None
+        if args.domains_per_tenant > 1:
+            extra = "domains.tsv"
+            with open(Path(scratch) / extra, "w") as out:
+                for t in range(args.tenants):
+                    for d in range(1, args.domains_per_tenant):
+                        out.write(f"d{d}.tenant{t}.example\tt{t}\n")
+        config.write_text(config_text(args.tenants, extra))
+        cluster: list[tuple[list[subprocess.Popen[bytes]], list[int]]] = []
+
+        def cluster_url() -> str:
+            if not cluster:
+                cluster.append(_support.start_cluster(scratch))
+            ports = cluster[0][1]
+            return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
         redis: list[tuple[subprocess.Popen[bytes], str] | None] = []
 
         def redis_url() -> str | None:
@@ -373,7 +406,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         contenders: list[Contender] = []
         try:
-            contenders = contenders_for(servers, workers, scratch, config, args.log, redis_url)
+            contenders = contenders_for(
+                servers, workers, scratch, config, args.log, redis_url, cluster_url
+            )
             for contender in contenders:  # warm-up (fresh messages too)
                 run_level(contender.port, 2, 200, contender.make)
             for connections in levels:
@@ -397,6 +432,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if redis and redis[0] is not None:
                 redis[0][0].terminate()
                 redis[0][0].wait()
+            for processes, _ in cluster:
+                for process in processes:
+                    process.terminate()
+                    process.wait()
     print_ratios(contenders, levels)
 
 

@@ -8,8 +8,9 @@ measures, through the real `RelayPolicy` and stores:
 * per decision, for batches of 1, 16 and 256 decisions (`RelayPolicy.evaluate` for 1,
   `evaluate_many` otherwise): the Redis commands (``INFO commandstats``), the round trips (the
   client's ``send_packed_command`` calls), the bytes on the wire both ways (``INFO stats``
-  ``total_net_input_bytes``/``total_net_output_bytes``) and the Redis CPU (the
-  ``usec`` of ``INFO commandstats``); the client's CPU per decision as well;
+  ``total_net_input_bytes``/``total_net_output_bytes``) and the Redis CPU (``INFO cpu``
+  ``used_cpu_user`` + ``used_cpu_sys``: scripts, commands and network); the client's CPU per
+  decision as well;
 * per tenant: Redis memory (``INFO memory`` ``used_memory`` before and after, and
   ``MEMORY USAGE`` of each key of one tenant) after one message and after twenty messages of
   which ten come from distinct unregistered domains; the SQLite file's bytes per tenant after
@@ -26,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sqlite3
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -89,9 +88,10 @@ class Meter:
                     continue
                 if name.startswith("cmdstat_") and not name.startswith("cmdstat_info"):
                     total["commands"] += value["calls"]
-                    total["usec"] += value["usec"]
                 if name == "cmdstat_evalsha":
                     total["evalsha"] += value["calls"]
+            cpu = client.info("cpu")  # the server's whole CPU: scripts, commands, network
+            total["usec"] += (cpu["used_cpu_user"] + cpu["used_cpu_sys"]) * 1e6
             net = client.info("stats")
             total["in"] += net["total_net_input_bytes"]
             total["out"] += net["total_net_output_bytes"]
@@ -330,45 +330,6 @@ def _sqlite_bytes(path: Path) -> int:
     return int(pages) * int(size)
 
 
-def start_cluster(directory: str, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    """A local Redis Cluster of *size* primaries without replicas on free loopback ports."""
-    processes, ports = [], []
-    for n in range(size):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        node = Path(directory) / f"node{n}"
-        node.mkdir()
-        processes.append(
-            subprocess.Popen(
-                [
-                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes", "--cluster-config-file", f"{node}/nodes.conf",
-                    "--save", "", "--appendonly", "no", "--dir", str(node),
-                ],
-                stdout=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        ports.append(port)
-    for port in ports:
-        for _ in range(100):
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-    subprocess.run(
-        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-         "--cluster-replicas", "0", "--cluster-yes"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    for _ in range(200):
-        if all("cluster_state:ok" in str(redis.Redis(port=p).cluster("INFO")) for p in ports):
-            break
-        time.sleep(0.05)
-    return processes, ports
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure and print Markdown tables."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
@@ -396,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             process.wait()
         sqlite_per_tenant(config, directory, args.tenants, args.domains_per_tenant)
         if args.cluster:
-            processes, ports = start_cluster(scratch)
+            processes, ports = _support.start_cluster(scratch)
             try:
                 clients = [redis.Redis(port=p) for p in ports]
                 cluster_url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
