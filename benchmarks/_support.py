@@ -4,6 +4,7 @@ this directory, which Python puts first on ``sys.path``)."""
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -37,13 +38,30 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
     return process, f"redis://127.0.0.1:{port}/0"
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000, so at most 55535) is free."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 55536)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free loopback port pair for a cluster node")
+
+
 def start_cluster(directory: str, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     """A local Redis Cluster of *size* primaries without replicas on free loopback ports."""
     processes, ports = [], []
     for n in range(size):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        port = _free_cluster_port()
         node = Path(directory) / f"node{n}"
         node.mkdir()
         processes.append(
