@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import signal
@@ -40,6 +41,10 @@ from postfix_harness import PostfixInstance, postfix_instance, postfix_root
 from redis_support import redis_url
 
 __all__ = ["postfix_instance", "postfix_root"]  # fixtures, imported for pytest to find
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.append(str(BENCHMARKS))  # the load generator of bench_policy_server
 
 SAFETY = 60.0  # seconds: a safety net against hangs, never an assertion about speed
 
@@ -491,3 +496,44 @@ def test_workers_behind_a_real_postfix(postfix_instance: PostfixInstance, tmp_pa
     assert len([r for r in history if r.after == "blocked" and r.before != "blocked"]) == 1
     assert workers_that_answered(serve.log()) <= {"1", "2"}
     assert "policy server closed" in serve.log()
+
+
+def test_workers_under_the_load_generator(tmp_path: Path) -> None:
+    """The benchmark's load generator (one request at a time on each of 20 connections, every
+    request a new message of one of its 1,000 tenants) against two workers with a SQLite
+    store: every request is answered DUNNO, both workers answer."""
+    bench = importlib.import_module("bench_policy_server")
+    config = tmp_path / "bench.toml"
+    config.write_text(bench.config_text())
+    serve = Serve(config, 2, store=f"sqlite:{tmp_path}/bench.sqlite3")
+    try:
+        port = int(serve.address.rsplit(":", 1)[1])
+        _elapsed, latencies = bench.run_level(port, 20, 50, bench.request)
+        assert len(latencies) == 1000  # run_level raises on any answer but DUNNO
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.process.wait(SAFETY) == 0
+        assert workers_that_answered(serve.log()) == {"1", "2"}
+    finally:
+        serve.close()
+
+
+def test_workers_follow_a_killed_supervisor(config: Path) -> None:
+    """SIGKILL of the supervisor: its workers get SIGTERM and exit; none keeps the port."""
+    serve = Serve(config, 2)
+    try:
+        pids = serve.ready["pids"]
+        serve.process.kill()
+        serve.process.wait(SAFETY)
+        for pid in pids:
+            for _ in range(int(SAFETY / 0.05)):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"worker {pid} outlived its supervisor")
+        with pytest.raises(ConnectionRefusedError):
+            ask(serve.address, request("a@contoso.example", "orphan"))
+    finally:
+        serve.close()

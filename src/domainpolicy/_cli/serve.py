@@ -39,7 +39,7 @@ from typing import Any, TextIO
 from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
-from domainpolicy._stores import StateStore, open_store
+from domainpolicy._stores import MemoryStore, StateStore, open_store
 from domainpolicy.integrations._metrics import (
     METRICS_EXTRA,
     MetricsEndpoint,
@@ -375,6 +375,8 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         if args.workers > 1:
+            if isinstance(store, MemoryStore):
+                _log.warning("memory store: each of the %d workers counts alone", args.workers)
             store.close()  # each worker opens its own after the fork
             _log.info("serving %s with %d workers and a %s", args.config, args.workers,
                       type(store).__name__)  # fmt: skip

@@ -23,6 +23,8 @@ to one worker; a connection stays with its worker.
   sum (`SummedMetrics`) on one endpoint.  A dead worker's last counters stay in the sums, so a
   counter never goes backwards (what it counted in its last second before a ``SIGKILL`` is
   missing from the metrics, not from the store).
+* If the supervisor itself is killed, its workers get ``SIGTERM`` (Linux's parent-death
+  signal) and drain: no orphan keeps the socket.
 * Every log line of a worker says ``worker=N`` (1 to N; a restarted worker keeps its number).
 * Per-message state is per worker: each worker has its own `InstanceCache` and its own group
   commit.  Postfix may send the requests of one message on different connections, and two
@@ -184,6 +186,22 @@ def _bind(listen: ListenAddress, settings: ServerSettings) -> socket.socket:
     return sock
 
 
+def _die_with(parent: int) -> None:
+    """In a forked child: get SIGTERM (drain and exit) if the supervisor *parent* dies, so
+    that a killed supervisor leaves no worker holding the socket (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
@@ -241,10 +259,12 @@ class _Supervisor:
         read, write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 70
             try:
+                _die_with(parent)
                 os.close(read)
                 for child in self.children.values():
                     if child.ready_fd is not None:
