@@ -16,6 +16,10 @@ measures, through the real `RelayPolicy` and stores:
   which ten come from distinct unregistered domains; the SQLite file's bytes per tenant after
   the same traffic.
 
+* with ``--matcher-sizes 1000000,5000000``: per MTA host, the matcher of N accepted domains
+  (``bench_matcher``'s seeded generator): compile time, snapshot bytes, and, in a fresh
+  process, the snapshot load time and the resident memory the loaded matcher adds.
+
 Counts and bytes do not depend on the machine's load; the CPU figures do (compare them with
 each other, not across machines).
 
@@ -330,13 +334,91 @@ def _sqlite_bytes(path: Path) -> int:
     return int(pages) * int(size)
 
 
+def _rss_kb() -> int:
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def matcher_child(mode: str, n: int, path: str) -> None:
+    """In a fresh process: ``compile`` N generated entries and save the snapshot, or ``load``
+    it; print one JSON line of figures."""
+    import gc
+    import json
+
+    from domainpolicy import DomainMatcher
+
+    if mode == "compile":
+        import bench_matcher
+
+        entries = bench_matcher.generate(n)
+        started = time.perf_counter()
+        matcher = DomainMatcher.compile(entries)
+        took = time.perf_counter() - started
+        matcher.save(path)
+        print(json.dumps({"compile": took, "bytes": os.path.getsize(path)}))
+        return
+    gc.collect()
+    before = _rss_kb()
+    started = time.perf_counter()
+    matcher = DomainMatcher.load(path)
+    took = time.perf_counter() - started
+    gc.collect()
+    print(json.dumps({"load": took, "rss_mb": (_rss_kb() - before) / 1024}))
+    del matcher
+
+
+def measure_matchers(sizes: Sequence[int], directory: Path) -> None:
+    """The matcher per MTA host at each size, each step in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    print("\n### The matcher per MTA host\n")
+    print("| accepted domains | compile s | snapshot MB | snapshot load s | RSS added MB |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        path = str(directory / f"matcher-{n}.snapshot")
+        script = str(Path(__file__).resolve())
+        made = json.loads(
+            subprocess.run(
+                [sys.executable, script, "--matcher-child", "compile", str(n), path],
+                check=True, capture_output=True, text=True,
+            ).stdout.splitlines()[-1]
+        )  # fmt: skip
+        loaded = json.loads(
+            subprocess.run(
+                [sys.executable, script, "--matcher-child", "load", str(n), path],
+                check=True, capture_output=True, text=True,
+            ).stdout.splitlines()[-1]
+        )  # fmt: skip
+        os.unlink(path)
+        print(
+            f"| {n:,} | {made['compile']:.1f} | {made['bytes'] / 2**20:.0f} | "
+            f"{loaded['load']:.2f} | {loaded['rss_mb']:.0f} |",
+            flush=True,
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Measure and print Markdown tables."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--matcher-sizes", default="", help="e.g. 1000000,5000000 (only these)")
+    parser.add_argument("--matcher-child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--tenants", type=int, default=10000)
     parser.add_argument("--domains-per-tenant", type=int, default=5)
     parser.add_argument("--cluster", action="store_true", help="also a 3-primary Redis Cluster")
     args = parser.parse_args(argv)
+    if args.matcher_child:
+        mode, n, path = args.matcher_child
+        matcher_child(mode, int(n), path)
+        return
+    if args.matcher_sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch:
+            measure_matchers([int(x) for x in args.matcher_sizes.split(",")], Path(scratch))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as scratch:
         directory = Path(scratch)
         config = write_config(directory, args.tenants, args.domains_per_tenant)
