@@ -266,7 +266,11 @@ async def _serve(
     metrics: ListenAddress | None,
     worker: WorkerSlot | None = None,
 ) -> int:
-    settings = _settings(args)
+    settings = ServerSettings(
+        request_timeout=args.request_timeout,
+        unix_socket_mode=0o660 if args.socket_mode is None else args.socket_mode,
+        unix_socket_group=args.socket_group,
+    )
     service.cache = InstanceCache(maxsize=args.cache_size)
     server = PolicyServer(service.handler(), settings=settings, reload_hook=service.reload)
     service.server = server
@@ -306,6 +310,7 @@ async def _serve(
 
 
 def _settings(args: argparse.Namespace) -> ServerSettings:
+    """The server settings of ``--workers``'s supervisor (as `_serve` makes them)."""
     return ServerSettings(
         request_timeout=args.request_timeout,
         unix_socket_mode=0o660 if args.socket_mode is None else args.socket_mode,
