@@ -35,6 +35,7 @@ from domainpolicy.integrations._metrics import (
     SummedMetrics,
     retire_snapshot,
     write_snapshot,
+    write_supervisor_snapshot,
 )
 from domainpolicy.integrations.postfix import make_handler, parse_request
 from postfix_harness import PostfixInstance, postfix_instance, postfix_root
@@ -397,6 +398,9 @@ def test_reload_kill_and_drain_on_a_unix_socket(config: Path, tmp_path: Path) ->
         assert set(answered) == {"DUNNO"}
         serve.wait_for_log(f"worker 1 (pid {victim}) died (killed by SIGKILL)")
         serve.wait_for_log("worker 1 ready (pid ")
+        serve.wait_for("domainpolicy_policy_worker_restarts_total", 1)
+        assert metric(serve.metrics, "domainpolicy_policy_worker_restarts_total") == 1
+        serve.wait_for("domainpolicy_policy_workers", 2)
         assert metric(serve.metrics, "domainpolicy_policy_requests_total") >= before
         for i in range(20):
             assert ask(serve.address, request("a@contoso.example", f"after-{i}")) == "DUNNO"
@@ -468,6 +472,11 @@ def test_summed_metrics_add_up_workers_and_keep_the_dead(tmp_path: Path) -> None
     assert (total.requests, total.connections, total.connections_active) == (3, 3, 1)
     text = generate_latest(summed.registry)
     assert b"domainpolicy_policy_requests_total 3.0" in text
+    assert b"domainpolicy_policy_workers 0.0" in text  # no supervisor file yet
+    write_supervisor_snapshot(str(tmp_path), 2, 5)
+    text = generate_latest(summed.registry)
+    assert b"domainpolicy_policy_workers 2.0" in text
+    assert b"domainpolicy_policy_worker_restarts_total 5.0" in text
 
 
 def test_the_same_instance_on_two_workers_counts_once_per_worker(

@@ -68,6 +68,7 @@ from domainpolicy.integrations._metrics import (
     SummedMetrics,
     retire_snapshot,
     write_snapshot,
+    write_supervisor_snapshot,
 )
 from domainpolicy.integrations.postfix.server import (
     ListenAddress,
@@ -252,6 +253,7 @@ class _Supervisor:
         self.stopping = False
         self.failed = False
         self.deadline = float("inf")
+        self.restarts = 0
 
     # ------------------------------------------------------------ forking
 
@@ -302,7 +304,18 @@ class _Supervisor:
 
         child = self._fork(index, body)
         _log.info("worker %d started (pid %d)", index, child.pid)
+        self._publish()
         return child
+
+    def _publish(self) -> None:
+        """The supervisor's figures for the metrics endpoint (workers running, restarts)."""
+        if self.metrics_dir is None:
+            return
+        running = sum(child.index != 0 for child in self.children.values())
+        try:
+            write_supervisor_snapshot(self.metrics_dir, running, self.restarts)
+        except OSError as exc:
+            _log.warning("cannot write the supervisor's metrics: %s", exc)
 
     def _spawn_metrics(self) -> _Child:
         assert self.metrics is not None
@@ -406,6 +419,9 @@ class _Supervisor:
                 delay = self.backoff.get(child.index, 0.0)
                 self.backoff[child.index] = min(_MAX_BACKOFF, max(0.5, delay * 2))
             self.due[child.index] = time.monotonic() + delay
+            if child.index != 0:
+                self.restarts += 1
+                self._publish()
             _log.warning(
                 "%s (pid %d) died (%s) after %.1fs; restarting in %.1fs",
                 child.label,

@@ -57,6 +57,7 @@ __all__ = [
     "prometheus_available",
     "retire_snapshot",
     "write_snapshot",
+    "write_supervisor_snapshot",
 ]
 
 LATENCY_BUCKETS: Final = (
@@ -314,6 +315,22 @@ def retire_snapshot(directory: str, name: str) -> None:
         os.replace(source, target)
 
 
+_SUPERVISOR: Final = "supervisor.json"
+
+
+def write_supervisor_snapshot(directory: str, workers: int, restarts: int) -> None:
+    """Write the supervisor's own figures for `SummedMetrics`: the workers running now and the
+    restarts so far (atomically, replacing the previous ones).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = os.path.join(directory, _SUPERVISOR)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump({"workers": workers, "restarts": restarts}, file)
+    os.replace(path + ".tmp", path)
+
+
 class SummedMetrics:
     """The counters of several worker processes summed: the multi-process mode of ``serve
     --workers N``.
@@ -321,7 +338,9 @@ class SummedMetrics:
     Each worker writes its counters to *directory* with `write_snapshot` (every second and at
     exit); `total` (and the exposition of `registry`, at scrape time) adds up every file,
     those of dead workers (`retire_snapshot`) included, so the sums never go backwards.  The
-    names and labels are those of a single `PolicyMetrics`.
+    names and labels are those of a single `PolicyMetrics`, plus the supervisor's
+    ``domainpolicy_policy_workers`` (gauge: workers running) and
+    ``domainpolicy_policy_worker_restarts_total`` (`write_supervisor_snapshot`).
     """
 
     def __init__(self, directory: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
@@ -365,8 +384,37 @@ class SummedMetrics:
                 raise _prometheus_missing() from None
             registry = CollectorRegistry(auto_describe=True)
             registry.register(_Collector(self.total))
+            registry.register(_SupervisorCollector(self.directory))
             self._registry = registry
         return self._registry
+
+
+class _SupervisorCollector:
+    """The supervisor's figures (`write_supervisor_snapshot`) at scrape time."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = {"workers": 0, "restarts": 0}
+        try:
+            with open(os.path.join(self.directory, _SUPERVISOR), encoding="utf-8") as file:
+                figures.update(json.load(file))
+        except (OSError, ValueError):
+            pass
+        yield GaugeMetricFamily(
+            f"{_PREFIX}_workers", "Worker processes running.", value=figures["workers"]
+        )
+        yield CounterMetricFamily(
+            f"{_PREFIX}_worker_restarts",
+            "Worker processes restarted after they died.",
+            value=figures["restarts"],
+        )
 
 
 class _Collector:
