@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import platform
+import random
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import redis
 
 from domainpolicy import _names
 
@@ -38,6 +41,62 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
         except OSError:
             time.sleep(0.05)
     return process, f"redis://127.0.0.1:{port}/0"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_cluster_port() -> int:
+    """A free loopback port whose cluster bus port (port + 10000, so at most 55535) is free."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 55536)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free loopback port pair for a cluster node")
+
+
+def start_cluster(directory: str, size: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """A local Redis Cluster of *size* primaries without replicas on free loopback ports."""
+    processes, ports = [], []
+    for n in range(size):
+        port = _free_cluster_port()
+        node = Path(directory) / f"node{n}"
+        node.mkdir()
+        processes.append(
+            subprocess.Popen(
+                [
+                    "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                    "--cluster-enabled", "yes", "--cluster-config-file", f"{node}/nodes.conf",
+                    "--save", "", "--appendonly", "no", "--dir", str(node),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        ports.append(port)
+    for port in ports:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+    subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(200):
+        if all("cluster_state:ok" in str(redis.Redis(port=p).cluster("INFO")) for p in ports):
+            break
+        time.sleep(0.05)
+    return processes, ports
 
 
 @contextlib.contextmanager

@@ -388,6 +388,12 @@ class RelayPolicy:
         return policy
 
     @property
+    def registry_view(self) -> RegistryView | None:
+        """The registry view decisions are made with now (None: not following a registry); a
+        process forked from this one can start from it (`from_registry`'s *view*)."""
+        return None if self._follower is None else self._follower.view
+
+    @property
     def registry_version(self) -> int | None:
         """The registry version decisions are made with (None: not following a registry)."""
         return None if self._follower is None else self._follower.version

@@ -4,7 +4,7 @@
 
     domainpolicy serve --config tenants.toml --listen 127.0.0.1:10040 [--store URL]
         [--metrics 127.0.0.1:9100] [--request-timeout 2] [--max-batch 256] [--log-level info]
-        [--socket-mode 0660] [--socket-group postfix] [--permit-connectors]
+        [--socket-mode 0660] [--socket-group postfix] [--permit-connectors] [--workers N|auto]
 
 It loads the configuration, opens the store (``--store`` or the configured one), builds the
 `RelayPolicy` and serves it with `PolicyServer` and `make_handler`.  Once listening it prints
@@ -35,6 +35,8 @@ store, requests that arrive while a decision is running are decided together, up
   flight, close; exit 0.
 * A bad configuration, store URL or listen address, or an address in use, exits 2 with one
   line on stderr.
+* ``--workers N`` (``auto``: one per usable CPU) serves from N processes sharing the listening
+  socket, under a supervisor (``workers.py``: signals, restarts, summed metrics).
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from domainpolicy._alerts.worker import AlertWorker
 from domainpolicy._config import PolicyConfig, load_config
 from domainpolicy._errors import DomainPolicyError, InvalidConfiguration
 from domainpolicy._policy import RelayPolicy
+from domainpolicy._registry import RegistryView
 from domainpolicy._registry_follow import DEFAULT_POLL_SECONDS
 from domainpolicy._registry_io import import_configuration, policy_from_config
 from domainpolicy._registry_snapshot import view_from_snapshot
-from domainpolicy._stores import StateStore, open_store
+from domainpolicy._stores import MemoryStore, StateStore, open_store
 from domainpolicy.integrations._metrics import (
     METRICS_EXTRA,
     MetricsEndpoint,
@@ -72,6 +75,7 @@ from domainpolicy.integrations.postfix import (
 )
 
 from .common import EXIT_OK, EXIT_USAGE, Command, CommandError, one_line, read_config
+from .workers import WorkerSlot, supervise, usable_cpus
 
 __all__ = ["COMMANDS"]
 
@@ -102,6 +106,13 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
+
+
+def _workers(text: str) -> int:
+    """argparse type: a positive number of worker processes, or ``auto`` (the usable CPUs)."""
+    if text == "auto":
+        return usable_cpus()
+    return _positive_int(text)
 
 
 def _socket_mode(text: str) -> int:
@@ -201,6 +212,15 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_POLL_SECONDS})",
     )
     parser.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="serve from N processes sharing the listening socket (auto: one per usable CPU; "
+        "default 1); SIGHUP reloads and SIGTERM drains them all, a worker that dies is "
+        "restarted, --metrics serves their sum",
+    )
+    parser.add_argument(
         "--log-level",
         choices=_LEVELS,
         default="info",
@@ -292,6 +312,7 @@ async def _serve(
     service: _Service,
     listen: ListenAddress,
     metrics: ListenAddress | None,
+    worker: WorkerSlot | None = None,
 ) -> int:
     settings = ServerSettings(
         request_timeout=args.request_timeout,
@@ -309,7 +330,7 @@ async def _serve(
     endpoint: MetricsEndpoint | None = None
     try:
         try:
-            await server.start(listen)
+            await server.start(listen, sock=None if worker is None else worker.sock)
         except (DomainPolicyError, OSError) as exc:
             return _error(f"cannot listen on {args.listen}: {one_line(exc)}")
         if metrics is not None:
@@ -329,12 +350,52 @@ async def _serve(
                 text += f"; metrics at {url}"
             out.write((json.dumps(record) if args.json else text) + "\n")
             out.flush()
+            if worker is not None:
+                worker.start_publishing(server.metrics)
             await server.serve_forever()
         finally:
             remove()
     finally:
         await server.close()  # also closes the metrics endpoint
+        if worker is not None:
+            await worker.stop_publishing()
     return EXIT_OK
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    """The server settings of ``--workers``'s supervisor (as `_serve` makes them)."""
+    return ServerSettings(
+        request_timeout=args.request_timeout,
+        unix_socket_mode=0o660 if args.socket_mode is None else args.socket_mode,
+        unix_socket_group=args.socket_group,
+    )
+
+
+def _run_worker(
+    args: argparse.Namespace,
+    worker: WorkerSlot,
+    config: PolicyConfig,
+    view: RegistryView | None,
+) -> int:
+    """One of ``--workers N``, in the forked child: its own store, a policy following the
+    store's registry from the supervisor's *view* (its compiled matcher: pages shared with the
+    supervisor, no compile), the alert delivery worker when configured (each worker claims
+    with a lease, so every alert is delivered once), then the usual server on the supervisor's
+    socket."""
+    store = open_store(args.store) if args.store is not None else config.open_store()
+    alerts = None
+    try:
+        policy = policy_from_config(config, store, poll_interval=args.registry_poll, view=view)
+        service = _Service(args.config, config, policy, args.max_batch, args.permit_connectors)
+        listen = parse_listen_address(args.listen)
+        if config.alerts is not None:
+            alerts = AlertWorker(store, config.alerts, policy=config.block_policy)
+            alerts.start()
+        return asyncio.run(_serve(args, worker.out, service, listen, None, worker))
+    finally:
+        if alerts is not None:
+            alerts.stop()
+        store.close()
 
 
 def _metrics_address(text: str) -> ListenAddress:
@@ -386,6 +447,18 @@ def _cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        if args.workers > 1:
+            if isinstance(store, MemoryStore):
+                _log.warning("memory store: each of the %d workers counts alone", args.workers)
+            store.close()  # each worker opens its own after the fork
+            _log.info("serving %s with %d workers and a %s", args.config, args.workers,
+                      type(store).__name__)  # fmt: skip
+            return supervise(
+                config_path=args.config, config=config, listen=listen, settings=_settings(args),
+                workers=args.workers,
+                run_worker=lambda slot, new: _run_worker(args, slot, new, policy.registry_view),
+                out=out, as_json=args.json, metrics=metrics,
+            )  # fmt: skip
         service = _Service(args.config, config, policy, args.max_batch, args.permit_connectors)
         _log.info("serving %s with a %s", args.config, type(store).__name__)
         # The alert delivery worker ([alerts]): its own thread, never in the decision path.

@@ -16,6 +16,12 @@ Label sets are bounded on purpose: actions are counted per *class* (``dunno``, `
 ``reject``, ``5xx``, ``4xx`` ... ``other``), never per action text, and malformed requests per
 parser reason code, so a hostile peer cannot grow the exposition without bound.
 
+`SummedMetrics` is the multi-process mode (``serve --workers N``): each worker process writes
+its `PolicyMetrics.snapshot` atomically to a file of its own in one private directory
+(`write_snapshot`), and one endpoint exposes the sum over the files at scrape time.  A dead
+worker's file is kept (`retire_snapshot`), so the sums never go backwards; only its open
+connections stop counting.
+
 Imports the errors module; ``prometheus_client`` only when the exposition is used.
 """
 
@@ -23,8 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import ipaddress
 import itertools
+import json
+import os
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Final
@@ -43,8 +52,12 @@ __all__ = [
     "METRICS_EXTRA",
     "MetricsEndpoint",
     "PolicyMetrics",
+    "SummedMetrics",
     "action_class",
     "prometheus_available",
+    "retire_snapshot",
+    "write_snapshot",
+    "write_supervisor_snapshot",
 ]
 
 LATENCY_BUCKETS: Final = (
@@ -165,6 +178,28 @@ class PolicyMetrics:
         # the policy follows no registry (then the two gauges are not exported).
         self.tenant_registry: Callable[[], tuple[int | None, float]] | None = None
 
+    def add_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """Add the counters of *snapshot* (a `snapshot` of counters with the same buckets).
+
+        Raises:
+            InvalidConfiguration: *snapshot*'s latency buckets are not these.
+        """
+        bounds = [float(b) for b, _ in snapshot["latency_buckets"]]
+        if bounds != [*self.buckets, float("inf")]:
+            raise InvalidConfiguration([f"latency buckets {shown(bounds)} differ from ours"])
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + snapshot[name])
+        self.latency_sum += snapshot["latency_sum_seconds"]
+        for key, value in snapshot["actions"].items():
+            if key in self.actions:
+                self.actions[key] += value
+        for key, value in snapshot["malformed"].items():
+            self.malformed[key] = self.malformed.get(key, 0) + value
+        below = 0
+        for i, (_, cumulative) in enumerate(snapshot["latency_buckets"]):
+            self._bucket_counts[i] += cumulative - below
+            below = cumulative
+
     def observe(self, action: str, seconds: float) -> None:
         """Count one answered request with its *action* text and handling latency."""
         self.requests += 1
@@ -244,11 +279,153 @@ class PolicyMetrics:
         return text.decode("utf-8")
 
 
-class _Collector:
-    """The ``prometheus_client`` collector of a `PolicyMetrics`: reads its counters at scrape
-    time (the names and labels are part of the public interface; keep them)."""
+_SUMMED: Final = (
+    "requests",
+    "timeouts",
+    "handler_errors",
+    "sanitised",
+    "connections",
+    "connections_active",
+    "connections_refused",
+    "reloads",
+    "reload_failures",
+)
 
-    def __init__(self, metrics: PolicyMetrics) -> None:
+_LIVE: Final = "live-"
+_RETIRED: Final = "retired-"
+
+
+def write_snapshot(metrics: PolicyMetrics, directory: str, name: str) -> None:
+    """Write *metrics*' `PolicyMetrics.snapshot` atomically as *name* in *directory* (a
+    worker's file for `SummedMetrics`; written again, it replaces the previous one).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = os.path.join(directory, _LIVE + name + ".json")
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(metrics.snapshot(), file)
+    os.replace(temporary, path)
+
+
+def retire_snapshot(directory: str, name: str) -> None:
+    """Keep the last counters of the worker *name*, which has died, in the sums: its open
+    connections are no longer counted (an atomic rename; nothing happens if it never wrote)."""
+    source = os.path.join(directory, _LIVE + name + ".json")
+    target = os.path.join(directory, _RETIRED + name + ".json")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(source, target)
+
+
+_SUPERVISOR: Final = "supervisor.json"
+
+
+def write_supervisor_snapshot(directory: str, workers: int, restarts: int) -> None:
+    """Write the supervisor's own figures for `SummedMetrics`: the workers running now and the
+    restarts so far (atomically, replacing the previous ones).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path = os.path.join(directory, _SUPERVISOR)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump({"workers": workers, "restarts": restarts}, file)
+    os.replace(path + ".tmp", path)
+
+
+class SummedMetrics:
+    """The counters of several worker processes summed: the multi-process mode of ``serve
+    --workers N``.
+
+    Each worker writes its counters to *directory* with `write_snapshot` (every second and at
+    exit); `total` (and the exposition of `registry`, at scrape time) adds up every file,
+    those of dead workers (`retire_snapshot`) included, so the sums never go backwards.  The
+    names and labels are those of a single `PolicyMetrics`, plus the supervisor's
+    ``domainpolicy_policy_workers`` (gauge: workers running) and
+    ``domainpolicy_policy_worker_restarts_total`` (`write_supervisor_snapshot`).
+    """
+
+    def __init__(self, directory: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        """Sum the files in *directory*, written by counters with these *buckets*."""
+        self.directory = directory
+        self.buckets = buckets
+        self._registry: CollectorRegistry | None = None
+
+    def total(self) -> PolicyMetrics:
+        """The sum of every worker's last written counters (unreadable files are skipped)."""
+        total = PolicyMetrics(self.buckets)
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:
+            return total
+        for name in names:
+            retired = name.startswith(_RETIRED)
+            if not name.endswith(".json") or not (retired or name.startswith(_LIVE)):
+                continue
+            try:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as file:
+                    snapshot = json.load(file)
+                if retired:
+                    snapshot["connections_active"] = 0
+                total.add_snapshot(snapshot)
+            except (OSError, ValueError, KeyError, TypeError, InvalidConfiguration):
+                continue  # a worker's file appeared or vanished mid-read: next scrape
+        return total
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """A ``prometheus_client`` registry exposing `total` at scrape time.
+
+        Raises:
+            InvalidConfiguration: ``prometheus_client`` is not installed.
+        """
+        if self._registry is None:
+            try:
+                from prometheus_client import CollectorRegistry
+            except ImportError:
+                raise _prometheus_missing() from None
+            registry = CollectorRegistry(auto_describe=True)
+            registry.register(_Collector(self.total))
+            registry.register(_SupervisorCollector(self.directory))
+            self._registry = registry
+        return self._registry
+
+
+class _SupervisorCollector:
+    """The supervisor's figures (`write_supervisor_snapshot`) at scrape time."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        figures = {"workers": 0, "restarts": 0}
+        try:
+            with open(os.path.join(self.directory, _SUPERVISOR), encoding="utf-8") as file:
+                figures.update(json.load(file))
+        except (OSError, ValueError):
+            pass
+        yield GaugeMetricFamily(
+            f"{_PREFIX}_workers", "Worker processes running.", value=figures["workers"]
+        )
+        yield CounterMetricFamily(
+            f"{_PREFIX}_worker_restarts",
+            "Worker processes restarted after they died.",
+            value=figures["restarts"],
+        )
+
+
+class _Collector:
+    """The ``prometheus_client`` collector of a `PolicyMetrics` (or of a function returning one
+    at each scrape): reads its counters at scrape time (the names and labels are part of the
+    public interface; keep them)."""
+
+    def __init__(self, metrics: PolicyMetrics | Callable[[], PolicyMetrics]) -> None:
         self.metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
@@ -261,7 +438,8 @@ class _Collector:
             HistogramMetricFamily,
         )
 
-        m, p = self.metrics, _PREFIX
+        m = self.metrics if isinstance(self.metrics, PolicyMetrics) else self.metrics()
+        p = _PREFIX
         # Scrapes may run in the HTTP server's thread: copy what the event loop may mutate.
         actions, malformed = dict(m.actions), dict(m.malformed)
 

@@ -639,6 +639,7 @@ class PolicyServer:
         self._closing = False
         self._closed = asyncio.Event()
         self._metrics_endpoint: MetricsEndpoint | None = None
+        self._owns_path = True  # a UNIX socket file this server bound (and removes at close)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -656,8 +657,17 @@ class PolicyServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return ListenAddress(host=self._listen.host, port=port)
 
-    async def start(self, listen: str | ListenAddress) -> None:
+    async def start(
+        self, listen: str | ListenAddress, *, sock: socket.socket | None = None
+    ) -> None:
         """Bind *listen* (see `parse_listen_address`) and start accepting connections.
+
+        With *sock*, a listening socket bound to *listen* already (by a supervisor that forks
+        several servers sharing it), accept on *sock* instead of binding: its mode, group and
+        listen backlog are left as they are, `close` leaves a UNIX socket's file to the
+        socket's owner, and the server takes one waiting connection each time the socket is
+        ready (rather than up to a hundred), so that a burst of new connections is shared
+        among the processes accepting on it instead of going to the first one awake.
 
         Raises:
             InvalidConfiguration: *listen* cannot be parsed, or a live server already owns the
@@ -669,7 +679,14 @@ class PolicyServer:
             raise RuntimeError("the policy server is already started")
         address = parse_listen_address(listen) if isinstance(listen, str) else listen
         loop = asyncio.get_running_loop()
-        if address.path is not None:
+        if sock is not None:
+            shared = _SharedListener(sock.family, sock.type, sock.proto, os.dup(sock.fileno()))
+            if address.path is not None:
+                self._server = await loop.create_unix_server(self._protocol, sock=shared, backlog=1)
+            else:
+                self._server = await loop.create_server(self._protocol, sock=shared, backlog=1)
+            self._owns_path = False
+        elif address.path is not None:
             _remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(self._protocol, path=address.path)
             try:
@@ -745,7 +762,7 @@ class PolicyServer:
                 await asyncio.wait(pending)
         if self._server is not None:
             await self._server.wait_closed()
-        if self._listen is not None and self._listen.path is not None:
+        if self._listen is not None and self._listen.path is not None and self._owns_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._listen.path)
         if self._metrics_endpoint is not None:
@@ -799,6 +816,14 @@ class PolicyServer:
 
     def _protocol(self) -> _Connection:
         return _Connection(self)
+
+
+class _SharedListener(socket.socket):
+    """A socket another process already listens on: ``listen`` keeps its backlog (asyncio
+    calls it with the number of connections to accept per wake-up, here 1)."""
+
+    def listen(self, backlog: int = 0, /) -> None:
+        """Nothing to do: the socket listens already."""
 
 
 def _peer_name(transport: asyncio.BaseTransport) -> str:
