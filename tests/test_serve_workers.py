@@ -610,8 +610,10 @@ def test_every_worker_follows_a_registry_change_without_sighup(
     try:
         pinned = connections_on_each_worker(serve, 1)
         code = main(
-            ["tenant", "register-domain", "contoso", "--domain", "contoso-news.example"]
-            + ["--by", "admin@contoso.example", "--config", str(config), "--store", url]
+            [
+                *("tenant", "register-domain", "contoso", "--domain", "contoso-news.example"),
+                *("--by", "admin@contoso.example", "--config", str(config), "--store", url),
+            ]
         )
         assert code == 0
         for worker, (sock,) in pinned.items():
