@@ -63,6 +63,7 @@ from .common import (
     add_progress_option,
     one_line,
     read_config,
+    whole_number,
 )
 
 __all__ = ["COMMANDS"]
@@ -106,26 +107,8 @@ def _aware_datetime(text: str) -> datetime.datetime:
     return value
 
 
-def _count(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from exc
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
+_count = whole_number(0)
+_positive_int = whole_number(1)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "inputs",
     "one_line",
     "read_config",
+    "whole_number",
 ]
 
 EXIT_OK = 0
@@ -187,3 +188,19 @@ class Progress:
         if self.enabled and self.shown >= 0:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least *minimum*, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its errors
+    return parse

@@ -74,7 +74,7 @@ from domainpolicy.integrations.postfix import (
     parse_listen_address,
 )
 
-from .common import EXIT_OK, EXIT_USAGE, Command, CommandError, one_line, read_config
+from .common import EXIT_OK, EXIT_USAGE, Command, CommandError, one_line, read_config, whole_number
 from .workers import WorkerSlot, supervise, usable_cpus
 
 __all__ = ["COMMANDS"]
@@ -98,14 +98,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
+_positive_int = whole_number(1)
 
 
 def _workers(text: str) -> int:

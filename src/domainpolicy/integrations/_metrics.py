@@ -143,6 +143,22 @@ def prometheus_available() -> bool:
     return True
 
 
+def _registry_of(*collectors: Any) -> CollectorRegistry:
+    """A ``prometheus_client`` registry of its own holding *collectors* (never the global one).
+
+    Raises:
+        InvalidConfiguration: ``prometheus_client`` is not installed.
+    """
+    try:
+        from prometheus_client import CollectorRegistry
+    except ImportError:
+        raise _prometheus_missing() from None
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in collectors:
+        registry.register(collector)
+    return registry
+
+
 class PolicyMetrics:
     """Counters of one policy server: requests, actions by class, problems and latency.
 
@@ -246,13 +262,7 @@ class PolicyMetrics:
             InvalidConfiguration: ``prometheus_client`` is not installed.
         """
         if self._registry is None:
-            try:
-                from prometheus_client import CollectorRegistry
-            except ImportError:
-                raise _prometheus_missing() from None
-            registry = CollectorRegistry(auto_describe=True)
-            registry.register(_Collector(self))
-            self._registry = registry
+            self._registry = _registry_of(_Collector(self))
         return self._registry
 
     def render_prometheus(self) -> str:
@@ -381,14 +391,9 @@ class SummedMetrics:
             InvalidConfiguration: ``prometheus_client`` is not installed.
         """
         if self._registry is None:
-            try:
-                from prometheus_client import CollectorRegistry
-            except ImportError:
-                raise _prometheus_missing() from None
-            registry = CollectorRegistry(auto_describe=True)
-            registry.register(_Collector(self.total))
-            registry.register(_SupervisorCollector(self.directory))
-            self._registry = registry
+            self._registry = _registry_of(
+                _Collector(self.total), _SupervisorCollector(self.directory)
+            )
         return self._registry
 
 
