@@ -47,7 +47,7 @@ from domainpolicy._stores.registry_base import RegistryStore
 
 __all__ = ["SQLITE_SCHEMA_VERSION", "SQLiteStore"]
 
-SQLITE_SCHEMA_VERSION: Final = 2
+SQLITE_SCHEMA_VERSION: Final = 3
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # version 0 -> 1
@@ -76,6 +76,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                reason TEXT NOT NULL,
                record TEXT NOT NULL
            )""",
+    ),
+    # version 2 -> 3: the head bucket's counters beside the state, written alone by an
+    # observation that changes nothing else (NULL: the state's JSON holds them).
+    (
+        "ALTER TABLE tenant_state ADD COLUMN head_total INTEGER",
+        "ALTER TABLE tenant_state ADD COLUMN head_unregistered INTEGER",
     ),
 )
 
@@ -225,18 +231,47 @@ class SQLiteStore(RegistryStore, StateStore):
             cached = cache.get(tenant)
             if cached is not None and cached[0] == version:
                 return cached
-            (text,) = db.execute(
-                "SELECT state FROM tenant_state WHERE tenant = ?", (tenant,)
+            text, head_total, head_unregistered = db.execute(
+                "SELECT state, head_total, head_unregistered FROM tenant_state WHERE tenant = ?",
+                (tenant,),
             ).fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
         try:
             state = TenantState.from_dict(json.loads(text))
+            if head_total is not None:
+                # the counters of the head bucket, written after the JSON by `_count`
+                if not (
+                    head_total.__class__ is int
+                    and head_unregistered.__class__ is int
+                    and 0 <= head_unregistered <= head_total
+                ):
+                    raise InvalidTenantState(
+                        f"head counters {head_total!r}, {head_unregistered!r}"
+                    )
+                state.window.head_total = head_total
+                state.window.head_unregistered = head_unregistered
         except (ValueError, InvalidTenantState) as exc:
             raise _CorruptState(
                 f"SQLite store {self.path!r} holds a corrupt state for tenant {tenant!r}: {exc}"
             ) from exc
         return version, state
+
+    def _count(
+        self, db: sqlite3.Connection, tenant: str, version: int, state: TenantState, now: float
+    ) -> None:
+        """Write an observation that changed only the head bucket's counters: the two counters
+        and the version, not the state's JSON (`_read` puts them back into it)."""
+        window = state.window
+        try:
+            db.execute(
+                "UPDATE tenant_state SET version = ?, head_total = ?, head_unregistered = ?, "
+                "updated_at = ? WHERE tenant = ?",
+                (version + 1, window.head_total, window.head_unregistered, now, tenant),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        self._local.cache[tenant] = (version + 1, state)
 
     def _write(
         self,
@@ -257,8 +292,8 @@ class SQLiteStore(RegistryStore, StateStore):
                 )
             else:
                 db.execute(
-                    "UPDATE tenant_state SET version = ?, state = ?, updated_at = ? "
-                    "WHERE tenant = ?",
+                    "UPDATE tenant_state SET version = ?, state = ?, updated_at = ?, "
+                    "head_total = NULL, head_unregistered = NULL WHERE tenant = ?",
                     (version + 1, text, now, tenant),
                 )
             if records:
@@ -285,9 +320,24 @@ class SQLiteStore(RegistryStore, StateStore):
     ) -> tuple[TenantState, Effects]:
         with self._transaction() as db:
             version, state = self._read(db, tenant)
+            window = state.window
+            head, warned = window.head, window.warned
+            seen = window.domains.get(registrable) if registrable.__class__ is str else None
             new, effects, records = observe_and_audit(
                 machine, state, now, registered=registered, registrable=registrable, weight=weight
             )
+            if (
+                version
+                and new is state
+                and not records
+                and not effects.alerts
+                and window.head == head
+                and window.warned == warned
+                and (registrable.__class__ is not str or window.domains.get(registrable) == seen)
+            ):
+                # only the head bucket's counters moved: write those, not the whole state
+                self._count(db, tenant, version, new, now)
+                return new, effects
             self._write(db, tenant, version, new, now, records)
             if effects.alerts and self.alert_route is not None:
                 self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
