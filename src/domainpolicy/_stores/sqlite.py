@@ -246,9 +246,7 @@ class SQLiteStore(RegistryStore, StateStore):
                     and head_unregistered.__class__ is int
                     and 0 <= head_unregistered <= head_total
                 ):
-                    raise InvalidTenantState(
-                        f"head counters {head_total!r}, {head_unregistered!r}"
-                    )
+                    raise InvalidTenantState(f"head counters {head_total!r}, {head_unregistered!r}")
                 state.window.head_total = head_total
                 state.window.head_unregistered = head_unregistered
         except (ValueError, InvalidTenantState) as exc:
