@@ -255,21 +255,35 @@ class SQLiteStore(RegistryStore, StateStore):
             ) from exc
         return version, state
 
-    def _count(
-        self, db: sqlite3.Connection, tenant: str, version: int, state: TenantState, now: float
-    ) -> None:
-        """Write an observation that changed only the head bucket's counters: the two counters
-        and the version, not the state's JSON (`_read` puts them back into it)."""
-        window = state.window
+    def _version(self, db: sqlite3.Connection, tenant: str) -> int:
+        """The stored version of *tenant* (0: none)."""
         try:
-            db.execute(
-                "UPDATE tenant_state SET version = ?, head_total = ?, head_unregistered = ?, "
-                "updated_at = ? WHERE tenant = ?",
-                (version + 1, window.head_total, window.head_unregistered, now, tenant),
-            )
+            row = db.execute(
+                "SELECT version FROM tenant_state WHERE tenant = ?", (tenant,)
+            ).fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return 0 if row is None else int(row[0])
+
+    def _count(
+        self, db: sqlite3.Connection, tenant: str, version: int, state: TenantState, now: float
+    ) -> bool:
+        """Write an observation that changed only the head bucket's counters: the two counters
+        and the version, not the state's JSON (`_read` puts them back into it).  False (nothing
+        written) when the stored version is no longer *version*."""
+        window = state.window
+        try:
+            written = db.execute(
+                "UPDATE tenant_state SET version = ?, head_total = ?, head_unregistered = ?, "
+                "updated_at = ? WHERE tenant = ? AND version = ?",
+                (version + 1, window.head_total, window.head_unregistered, now, tenant, version),
+            ).rowcount
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        if written != 1:
+            return False
         self._local.cache[tenant] = (version + 1, state)
+        return True
 
     def _write(
         self,
@@ -317,29 +331,70 @@ class SQLiteStore(RegistryStore, StateStore):
         weight: int = 1,
     ) -> tuple[TenantState, Effects]:
         with self._transaction() as db:
+            cached = self._local.cache.get(tenant)
+            if cached is not None:
+                # count on our copy first: the write checks that no other writer moved the
+                # version meanwhile (we hold the write lock from here to the commit)
+                outcome = self._observe_on(
+                    db,
+                    machine,
+                    tenant,
+                    cached[0],
+                    cached[1],
+                    now,
+                    registered,
+                    registrable,
+                    weight,
+                    True,
+                )
+                if outcome is not None:
+                    return outcome
+                self._local.cache.pop(tenant, None)
             version, state = self._read(db, tenant)
-            window = state.window
-            head, warned = window.head, window.warned
-            seen = window.domains.get(registrable) if registrable.__class__ is str else None
-            new, effects, records = observe_and_audit(
-                machine, state, now, registered=registered, registrable=registrable, weight=weight
+            outcome = self._observe_on(
+                db, machine, tenant, version, state, now, registered, registrable, weight, False
             )
-            if (
-                version
-                and new is state
-                and not records
-                and not effects.alerts
-                and window.head == head
-                and window.warned == warned
-                and (registrable.__class__ is not str or window.domains.get(registrable) == seen)
-            ):
-                # only the head bucket's counters moved: write those, not the whole state
-                self._count(db, tenant, version, new, now)
-                return new, effects
-            self._write(db, tenant, version, new, now, records)
-            if effects.alerts and self.alert_route is not None:
-                self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
-            return new, effects
+            assert outcome is not None
+            return outcome
+
+    def _observe_on(
+        self,
+        db: sqlite3.Connection,
+        machine: BlockMachine,
+        tenant: str,
+        version: int,
+        state: TenantState,
+        now: float,
+        registered: bool,
+        registrable: str | None,
+        weight: int,
+        guarded: bool,
+    ) -> tuple[TenantState, Effects] | None:
+        """`observe` on *state* read at *version*, written; None (nothing written) when
+        *guarded* and the stored version is no longer *version* (*state* is then spoilt)."""
+        window = state.window
+        head, warned = window.head, window.warned
+        seen = window.domains.get(registrable) if registrable.__class__ is str else None
+        new, effects, records = observe_and_audit(
+            machine, state, now, registered=registered, registrable=registrable, weight=weight
+        )
+        if (
+            version
+            and new is state
+            and not records
+            and not effects.alerts
+            and window.head == head
+            and window.warned == warned
+            and (registrable.__class__ is not str or window.domains.get(registrable) == seen)
+        ):
+            # only the head bucket's counters moved: write those, not the whole state
+            return (new, effects) if self._count(db, tenant, version, new, now) else None
+        if guarded and self._version(db, tenant) != version:
+            return None
+        self._write(db, tenant, version, new, now, records)
+        if effects.alerts and self.alert_route is not None:
+            self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
+        return new, effects
 
     def observe_many(
         self,
