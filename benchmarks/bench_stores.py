@@ -10,6 +10,13 @@ tenants (process ``p`` observes the tenants ``bench-<path>-p<p>-<j>``, 64 of the
 path, one blocked tenant on the refuse path), so no tenant is shared between the processes.
 
     python benchmarks/bench_stores.py [--quick] [--batch N]
+    python benchmarks/bench_stores.py --floors [--before REV] [--quick]
+
+``--floors`` measures a single `observe` against the floor of its store, in rounds alternating
+the rows in one process: SQLite against ``BEGIN IMMEDIATE`` + one UPSERT + ``COMMIT`` on a file
+with the same settings (WAL, ``synchronous=NORMAL``), Redis against a trivial ``EVALSHA`` round
+trip on the store's own client.  ``--before REV`` adds the stores as they were at git revision
+*REV* (their modules copied out of git into ``domainpolicy._stores.*_before``) as "before" rows.
 
 The per-decision facade benchmark (``RelayPolicy.evaluate``) is a separate script.
 """
@@ -17,7 +24,11 @@ The per-decision facade benchmark (``RelayPolicy.evaluate``) is a separate scrip
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
+import sqlite3
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from domainpolicy import BlockMachine, BlockPolicy, StateStore, open_store
+from domainpolicy import BlockMachine, BlockPolicy, SQLiteStore, StateStore, open_store
 from domainpolicy._stores import ObserveItem
 from redis_support import RedisServer  # type: ignore[import-not-found,unused-ignore]
 
@@ -137,14 +148,123 @@ def bench(url: str, path: str, count: int, processes: int, batch: int = 0) -> fl
     return processes * count / elapsed
 
 
+def _module_before(rev: str, name: str, renames: dict[str, str]) -> object:
+    """``domainpolicy/_stores/<name>.py`` at *rev*, imported as ``..._stores.<name>_before``
+    (its imports of the modules in *renames* pointed at their own "before" copies)."""
+    root = Path(__file__).resolve().parent.parent
+    source = subprocess.run(
+        ["git", "show", f"{rev}:src/domainpolicy/_stores/{name}.py"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for old, new in renames.items():
+        source = source.replace(
+            f"domainpolicy._stores.{old} import", f"domainpolicy._stores.{new} import"
+        )
+    path = Path(tempfile.mkdtemp()) / f"{name}_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"domainpolicy._stores.{name}_before", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sqlite_floor(path: str) -> object:
+    """One durable write: BEGIN IMMEDIATE + one UPSERT + COMMIT (WAL, synchronous=NORMAL)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("CREATE TABLE IF NOT EXISTS c (k TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+
+    def write() -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "INSERT INTO c (k, n) VALUES ('bench', 1) ON CONFLICT (k) DO UPDATE SET n = n + 1"
+        )
+        db.execute("COMMIT")
+
+    return write
+
+
+def _observer(store: StateStore, path: str) -> object:
+    tenant = _prepare(store, path)
+    now = time.time()
+
+    def call() -> None:
+        store.observe(MACHINE, tenant, now, registered=False, registrable="spam.example")
+
+    return call
+
+
+def floors(count: int, rounds: int, before: str | None) -> None:
+    """Single `observe` against the floor of its store, rows alternating in rounds."""
+    old: dict[str, object] = {}
+    if before:
+        old["sqlite"] = _module_before(before, "sqlite", {})
+        schema = _module_before(before, "redis_schema", {})
+        del schema
+        resp = _module_before(before, "_resp", {"redis_schema": "redis_schema_before"})
+        del resp
+        old["redis"] = _module_before(
+            before, "redis", {"redis_schema": "redis_schema_before", "_resp": "_resp_before"}
+        )
+    with tempfile.TemporaryDirectory() as directory:
+        server = RedisServer(Path(directory))
+        server.start()
+        try:
+            for path in ("accept", "refuse"):
+                rows: dict[str, object] = {}
+                rows["sqlite floor"] = _sqlite_floor(f"{directory}/floor-{path}.db")
+                if before:
+                    store = old["sqlite"].SQLiteStore(f"{directory}/before-{path}.db")  # type: ignore[attr-defined]
+                    rows["sqlite before"] = _observer(store, path)
+                rows["sqlite"] = _observer(SQLiteStore(f"{directory}/after-{path}.db"), path)
+                after = open_store(server.url)
+                client = after._client  # type: ignore[attr-defined]
+                trivial = client.register_script("return 1")
+                rows["redis floor"] = lambda trivial=trivial: trivial(keys=[], args=[])
+                if before:
+                    store = old["redis"].RedisStore.from_url(server.url)  # type: ignore[attr-defined]
+                    rows["redis before"] = _observer(store, f"{path}")
+                rows["redis"] = _observer(after, path)
+                times: dict[str, list[float]] = {name: [] for name in rows}
+                for _ in range(rounds):
+                    for name, call in rows.items():
+                        for _ in range(count // 10):
+                            call()  # type: ignore[operator]
+                        started = time.perf_counter()
+                        for _ in range(count):
+                            call()  # type: ignore[operator]
+                        times[name].append(time.perf_counter() - started)
+                print(f"\nsingle observe, {path} path ({rounds} rounds of {count}, median)")
+                print(f"{'row':<16} {'calls/s':>10} {'x floor':>8}")
+                for name, seconds in times.items():
+                    rate = count / statistics.median(seconds)
+                    floor = count / statistics.median(times[name.split()[0] + " floor"])
+                    print(f"{name:<16} {rate:>8,.0f}/s {rate / floor:>7.2f}x")
+        finally:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls")
     parser.add_argument(
         "--batch", type=int, default=64, help="observe_many batch size (0: observe only)"
     )
+    parser.add_argument("--floors", action="store_true", help="single observe against floors")
+    parser.add_argument("--before", metavar="REV", help="with --floors: the stores at REV too")
+    parser.add_argument("--rounds", type=int, default=5, help="with --floors: rounds")
     options = parser.parse_args()
     count = 2_000 if options.quick else 20_000
+    if options.floors:
+        floors(count // 4, options.rounds, options.before)
+        return
     with tempfile.TemporaryDirectory() as directory:
         server = RedisServer(Path(directory))
         server.start()

@@ -268,6 +268,25 @@ def test_sqlite_corrupt_state_is_store_unavailable(tmp_path: Path) -> None:
     assert "'t1'" in str(info.value)
 
 
+def test_sqlite_counter_writes_interleaved_with_another_connection(tmp_path: Path) -> None:
+    """Observations that write only the head counters, from two stores on one file taking
+    turns (each with its own copy), then a transition: the counts are exact and survive."""
+    path = tmp_path / "s.db"
+    memory = MemoryStore()
+    with SQLiteStore(path) as one, SQLiteStore(path) as two:
+        for i in range(6):
+            for store in (one, memory, two, memory, two, memory):
+                observe(store, "t1", NOW + i, registered=i % 2 == 0)
+            assert one.load("t1") == two.load("t1") == memory.load("t1")
+        for store in (one, memory):
+            while observe(store, "t1", NOW + 7):
+                pass
+        assert one.load("t1") == memory.load("t1")
+    with SQLiteStore(path) as again:
+        assert again.load("t1") == memory.load("t1")
+        assert again.history("t1") == memory.history("t1")
+
+
 def test_unknown_store_url_is_a_configuration_error() -> None:
     """open_store names the URL it cannot open."""
     with pytest.raises(InvalidConfiguration) as info:

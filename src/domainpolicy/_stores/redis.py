@@ -662,11 +662,19 @@ class RedisStore(RegistryRedis, StateStore):
         self._check_open()
         keys, args = self._observe_args(machine, tenant, now, registered, registrable, weight)
         self._register(tenant)
+        wire = None if self._cluster else self._wire
+        packed = b""
+        if wire is not None:
+            # packed once per call: the keys and the limits come packed from their caches
+            packed = wire.item(keys, args, wire.limits(machine.policy))
         for attempt in range(self.max_attempts):
             held = self._cache.get(tenant)
-            args[-1] = "" if held is None else str(held[0])
             try:
-                reply = self._observe(keys=keys.scripted, args=args)
+                if wire is not None:
+                    reply = self._one(wire, packed, held)
+                else:
+                    args[-1] = "" if held is None else str(held[0])
+                    reply = self._observe(keys=keys.scripted, args=args)
             except ERRORS as exc:
                 raise self._fail(f"observe for tenant {shown(tenant)}", exc) from exc
             outcome, created = self._settle(
@@ -681,6 +689,25 @@ class RedisStore(RegistryRedis, StateStore):
             f"Redis store: observe for tenant {shown(tenant)} lost {self.max_attempts} "
             "compare-and-set races in a row"
         )
+
+    def _one(self, wire: Wire, packed: bytes, held: tuple[int, TenantState] | None) -> object:
+        """The hot-path script of one observation packed by `Wire` (the same command as a
+        batch's item, without a round token) and sent on the client's pool; the script loaded
+        again if the server lost it.
+
+        Raises:
+            redis.RedisError: the round trip failed, or the script failed.
+        """
+        version = b"" if held is None else b"%d" % held[0]
+        # keys and fixed arguments, held version, no round token, k = 0, no item follows
+        tail = b"%b$%d\r\n%b\r\n$0\r\n\r\n%b%b" % (packed, len(version), version, LAST, LAST)
+        (reply,) = wire.round(wire.head(self._observe.sha) + tail, 1)
+        if isinstance(reply, NoScriptError):  # the script cache was flushed: load it again
+            self._observe.sha = self._client.script_load(OBSERVE_LUA)
+            (reply,) = wire.round(wire.head(self._observe.sha) + tail, 1)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def observe_many(
         self,

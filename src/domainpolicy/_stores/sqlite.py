@@ -47,7 +47,7 @@ from domainpolicy._stores.registry_base import RegistryStore
 
 __all__ = ["SQLITE_SCHEMA_VERSION", "SQLiteStore"]
 
-SQLITE_SCHEMA_VERSION: Final = 2
+SQLITE_SCHEMA_VERSION: Final = 3
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # version 0 -> 1
@@ -76,6 +76,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                reason TEXT NOT NULL,
                record TEXT NOT NULL
            )""",
+    ),
+    # version 2 -> 3: the head bucket's counters beside the state, written alone by an
+    # observation that changes nothing else (NULL: the state's JSON holds them).
+    (
+        "ALTER TABLE tenant_state ADD COLUMN head_total INTEGER",
+        "ALTER TABLE tenant_state ADD COLUMN head_unregistered INTEGER",
     ),
 )
 
@@ -225,18 +231,59 @@ class SQLiteStore(RegistryStore, StateStore):
             cached = cache.get(tenant)
             if cached is not None and cached[0] == version:
                 return cached
-            (text,) = db.execute(
-                "SELECT state FROM tenant_state WHERE tenant = ?", (tenant,)
+            text, head_total, head_unregistered = db.execute(
+                "SELECT state, head_total, head_unregistered FROM tenant_state WHERE tenant = ?",
+                (tenant,),
             ).fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
         try:
             state = TenantState.from_dict(json.loads(text))
+            if head_total is not None:
+                # the counters of the head bucket, written after the JSON by `_count`
+                if not (
+                    head_total.__class__ is int
+                    and head_unregistered.__class__ is int
+                    and 0 <= head_unregistered <= head_total
+                ):
+                    raise InvalidTenantState(f"head counters {head_total!r}, {head_unregistered!r}")
+                state.window.head_total = head_total
+                state.window.head_unregistered = head_unregistered
         except (ValueError, InvalidTenantState) as exc:
             raise _CorruptState(
                 f"SQLite store {self.path!r} holds a corrupt state for tenant {tenant!r}: {exc}"
             ) from exc
         return version, state
+
+    def _version(self, db: sqlite3.Connection, tenant: str) -> int:
+        """The stored version of *tenant* (0: none)."""
+        try:
+            row = db.execute(
+                "SELECT version FROM tenant_state WHERE tenant = ?", (tenant,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        return 0 if row is None else int(row[0])
+
+    def _count(
+        self, db: sqlite3.Connection, tenant: str, version: int, state: TenantState, now: float
+    ) -> bool:
+        """Write an observation that changed only the head bucket's counters: the two counters
+        and the version, not the state's JSON (`_read` puts them back into it).  False (nothing
+        written) when the stored version is no longer *version*."""
+        window = state.window
+        try:
+            written = db.execute(
+                "UPDATE tenant_state SET version = ?, head_total = ?, head_unregistered = ?, "
+                "updated_at = ? WHERE tenant = ? AND version = ?",
+                (version + 1, window.head_total, window.head_unregistered, now, tenant, version),
+            ).rowcount
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r}: {exc}") from exc
+        if written != 1:
+            return False
+        self._local.cache[tenant] = (version + 1, state)
+        return True
 
     def _write(
         self,
@@ -257,8 +304,8 @@ class SQLiteStore(RegistryStore, StateStore):
                 )
             else:
                 db.execute(
-                    "UPDATE tenant_state SET version = ?, state = ?, updated_at = ? "
-                    "WHERE tenant = ?",
+                    "UPDATE tenant_state SET version = ?, state = ?, updated_at = ?, "
+                    "head_total = NULL, head_unregistered = NULL WHERE tenant = ?",
                     (version + 1, text, now, tenant),
                 )
             if records:
@@ -284,14 +331,70 @@ class SQLiteStore(RegistryStore, StateStore):
         weight: int = 1,
     ) -> tuple[TenantState, Effects]:
         with self._transaction() as db:
+            cached = self._local.cache.get(tenant)
+            if cached is not None:
+                # count on our copy first: the write checks that no other writer moved the
+                # version meanwhile (we hold the write lock from here to the commit)
+                outcome = self._observe_on(
+                    db,
+                    machine,
+                    tenant,
+                    cached[0],
+                    cached[1],
+                    now,
+                    registered,
+                    registrable,
+                    weight,
+                    True,
+                )
+                if outcome is not None:
+                    return outcome
+                self._local.cache.pop(tenant, None)
             version, state = self._read(db, tenant)
-            new, effects, records = observe_and_audit(
-                machine, state, now, registered=registered, registrable=registrable, weight=weight
+            outcome = self._observe_on(
+                db, machine, tenant, version, state, now, registered, registrable, weight, False
             )
-            self._write(db, tenant, version, new, now, records)
-            if effects.alerts and self.alert_route is not None:
-                self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
-            return new, effects
+            assert outcome is not None
+            return outcome
+
+    def _observe_on(
+        self,
+        db: sqlite3.Connection,
+        machine: BlockMachine,
+        tenant: str,
+        version: int,
+        state: TenantState,
+        now: float,
+        registered: bool,
+        registrable: str | None,
+        weight: int,
+        guarded: bool,
+    ) -> tuple[TenantState, Effects] | None:
+        """`observe` on *state* read at *version*, written; None (nothing written) when
+        *guarded* and the stored version is no longer *version* (*state* is then spoilt)."""
+        window = state.window
+        head, warned = window.head, window.warned
+        seen = window.domains.get(registrable) if registrable.__class__ is str else None
+        new, effects, records = observe_and_audit(
+            machine, state, now, registered=registered, registrable=registrable, weight=weight
+        )
+        if (
+            version
+            and new is state
+            and not records
+            and not effects.alerts
+            and window.head == head
+            and window.warned == warned
+            and (registrable.__class__ is not str or window.domains.get(registrable) == seen)
+        ):
+            # only the head bucket's counters moved: write those, not the whole state
+            return (new, effects) if self._count(db, tenant, version, new, now) else None
+        if guarded and self._version(db, tenant) != version:
+            return None
+        self._write(db, tenant, version, new, now, records)
+        if effects.alerts and self.alert_route is not None:
+            self._put(db, transition_rows(self.alert_route, machine, new, effects.alerts, now))
+        return new, effects
 
     def observe_many(
         self,
