@@ -7,26 +7,33 @@ them with long ones and prints the figures.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gc
+import itertools
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fault_history import Fault, Report, check, read_final
 from fault_proxy import FaultProxy
-from fault_workload import LIMIT, Workload, join_processes, run_processes
+from fault_workload import LIMIT, POLICY, Workload, join_processes, run_processes
 from redis.crc import key_slot
 
-from domainpolicy import open_store
+from domainpolicy import BlockMachine, StoreUnavailable, TenantState, open_store
+from domainpolicy._blockstate import Effects
 from redis_support import RedisCluster, RedisServer
 
 __all__ = [
+    "AdminFigures",
     "redis_cluster_failover",
     "redis_proxy",
+    "redis_replica_failover",
     "sqlite_clock_skew",
     "sqlite_disk_full",
     "tmpfs",
@@ -220,3 +227,108 @@ def redis_cluster_failover(
             warnings.simplefilter("ignore", ResourceWarning)
             gc.collect()
     return check(ops, final, limit=LIMIT, faults=faults)
+
+
+@dataclass
+class AdminFigures:
+    """Administrative events of `redis_replica_failover`: acknowledged (`apply` returned),
+    refused (`StoreUnavailable`: too few replicas, or the store failed) and acknowledged but
+    missing from the final state (**lost**)."""
+
+    acknowledged: int = 0
+    refused: int = 0
+    lost: int = 0
+
+
+def _admin_writer(
+    url: str, options: dict[str, Any], stop: threading.Event
+) -> tuple[list[str], list[str]]:
+    """Create connectors ``c0``, ``c1``... for tenant ``admin`` until *stop*; return the
+    acknowledged and the refused names."""
+    machine = BlockMachine(POLICY)
+    acknowledged: list[str] = []
+    refused: list[str] = []
+    store = open_store(url, **options)
+    try:
+        for index in itertools.count():
+            if stop.is_set():
+                break
+            name = f"c{index}"
+
+            def create(
+                state: TenantState, now: float, name: str = name
+            ) -> tuple[TenantState, Effects]:
+                return machine.create_connector(state, now, name)
+
+            try:
+                store.apply(
+                    "admin",
+                    create,
+                    time.time(),
+                    action="create_connector",
+                    actor="ops",
+                )
+            except StoreUnavailable:
+                refused.append(name)
+            else:
+                acknowledged.append(name)
+            time.sleep(0.005)
+    finally:
+        store.close()
+    return acknowledged, refused
+
+
+def redis_replica_failover(
+    directory: Path, workload: Workload, *, kill_at: float, lag: float
+) -> tuple[Report, AdminFigures]:
+    """The workload (and a writer of administrative events, with the same store options) against
+    a primary and its replica, promoted by hand as Sentinel would.  The replica follows the
+    primary through a `FaultProxy`; the clients reach the primary through another.  *lag*
+    seconds before *kill_at* the replication link starts to lag (0.2 s per chunk); at *kill_at*
+    the primary is killed (SIGKILL) and the link cut (what was in flight is lost), the replica
+    is promoted (``REPLICAOF NO ONE``) and the clients' proxy is pointed at it (their
+    connections cut).  The final state is read from the promoted replica."""
+    primary = RedisServer(directory / "primary")
+    replica = RedisServer(directory / "replica")
+    for server in (primary, replica):
+        server.directory.mkdir()
+        server.start()
+    try:
+        with FaultProxy(primary.port) as link, FaultProxy(primary.port) as front:
+            with replica.client() as client:
+                client.replicaof("127.0.0.1", link.port)
+                deadline = time.monotonic() + 30
+                while client.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the replica did not sync")
+                    time.sleep(0.02)
+            options = dict(workload.store_options)
+            stop = threading.Event()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                start = run_processes(front.url, workload, directory)
+                admin = pool.submit(_admin_writer, front.url, options, stop)
+                faults = []
+                try:
+                    _sleep_until(start + kill_at - lag)
+                    link.set_mode("delay")
+                    _sleep_until(start + kill_at)
+                    began = time.time()
+                    primary.kill()
+                    link.set_mode("cut")
+                    with replica.client() as client:
+                        client.replicaof("NO", "ONE")
+                    front.upstream_port = replica.port
+                    front.cut_once()
+                    faults.append(Fault("primary_killed", began, time.time()))
+                finally:
+                    ops = join_processes(workload, directory)
+                    stop.set()
+                    acknowledged, refused = admin.result()
+        with open_store(replica.url) as store:
+            final = read_final(store, workload.tenants)
+            kept = {name for name, _ in store.load("admin").connectors}
+    finally:
+        replica.stop()
+        primary.stop()
+    figures = AdminFigures(len(acknowledged), len(refused), len(set(acknowledged) - kept))
+    return check(ops, final, limit=LIMIT, faults=faults), figures
