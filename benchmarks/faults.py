@@ -5,6 +5,7 @@ repeated, printing the checker's figures as JSON lines (one per run) and a summa
     PYTHONPATH=src python benchmarks/faults.py --runs 10 --seconds 20 --only cluster
     PYTHONPATH=src python benchmarks/faults.py --only cluster --only cluster_wait  # WAIT off/on
     PYTHONPATH=src python benchmarks/faults.py --only replica --only replica_wait
+    PYTHONPATH=src python benchmarks/faults.py --only reshard --only mixed
 
 Needs root (the SQLite disk-full scenario mounts a tmpfs) and ``redis-server``; everything
 listens on 127.0.0.1 only.
@@ -29,6 +30,7 @@ from fault_history import Report  # type: ignore[import-not-found,unused-ignore]
 from fault_scenarios import (  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
     AdminFigures,
     redis_cluster_failover,
+    redis_cluster_reshard,
     redis_proxy,
     redis_replica_failover,
     sqlite_clock_skew,
@@ -72,6 +74,12 @@ def scenarios(seconds: float) -> dict[str, Callable[[Path], Report | tuple[Repor
         # the kill
         "replica": lambda d: redis_replica_failover(d, base, kill_at=seconds / 2, lag=1.0),
         "replica_wait": lambda d: redis_replica_failover(d, waiting, kill_at=seconds / 2, lag=1.0),
+        # mixed: the proxy's cut, blackhole and delay, then the lagging link and the kill
+        "mixed": lambda d: redis_replica_failover(
+            d, waiting, kill_at=seconds * 7 / 8, lag=1.0, schedule=proxy_schedule[:3]
+        ),
+        # the busy tenant's slot migrated key by key to another primary and back, under load
+        "reshard": lambda d: redis_cluster_reshard(d, base, migrate_at=step, pause=step / 8),
     }
 
 

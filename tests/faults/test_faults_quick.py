@@ -11,6 +11,7 @@ from fault_history import Fault, Final, Op, check
 from fault_proxy import FaultProxy
 from fault_scenarios import (
     redis_cluster_failover,
+    redis_cluster_reshard,
     redis_proxy,
     redis_replica_failover,
     sqlite_clock_skew,
@@ -154,3 +155,12 @@ def test_replica_promoted_after_a_lagging_link_with_wait_replicas(tmp_path: Path
     # over the limit follow: measured by the runner, not assumed here
     assert report.failure_accepts == 0, report.to_dict()
     assert report.total("doubled") == 0, report.to_dict()
+
+
+def test_redis_cluster_busy_slot_resharded_under_load(tmp_path: Path) -> None:
+    """The slot of a busy tenant is migrated key by key to another primary and back while the
+    workload runs (ASK, TRYAGAIN, MOVED): every promise holds, nothing lost or doubled."""
+    workload = Workload(hot=2, cool=2, processes=3, seconds=4.0)
+    report = redis_cluster_reshard(tmp_path, workload, migrate_at=1.0, pause=0.1)
+    assert report.violations() == [], report.to_dict()
+    assert [f.name.startswith("slot_migrated") for f in report.faults] == [True, True]
