@@ -19,21 +19,24 @@ it; the store's own clients have retries off).  On a ``redis.RedisCluster`` the 
 the same way and split by node (see `domainpolicy._stores.cluster`).  Any other client (a
 subclass or a fake of ``redis.Redis``, a pool with client-side caching) keeps redis-py's
 pipeline; both send the same commands and get the same results.
+
+`commit_and_wait` sends the commit script of a state change and ``WAIT`` on one connection (the
+store's ``wait_replicas`` option): ``WAIT`` waits for the writes of its own connection.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from domainpolicy._blockstate import BlockPolicy
 from domainpolicy._stores.redis_schema import Keys, limit_args
 
-__all__ = ["ERRORS", "LAST", "MORE", "Prepared", "Wire", "bulk"]
+__all__ = ["ERRORS", "LAST", "MORE", "Prepared", "Wire", "bulk", "commit_and_wait"]
 
 ERRORS: Final = (redis.RedisError, RedisClusterException)
 """What redis-py raises: ``RedisClusterException`` (no slot covered, no node reachable while the
@@ -213,3 +216,55 @@ class Wire:
         finally:
             pool.release(connection)
         return replies
+
+
+def commit_and_wait(
+    client: redis.Redis | redis.RedisCluster,
+    wire: Wire | None,
+    keys: Keys,
+    script: tuple[str, str],
+    written: Sequence[str],
+    args: Sequence[str | int],
+    wait: tuple[int, int],
+) -> tuple[object, int]:
+    """Run the commit *script* (its SHA and text) on *written* keys with *args*, then
+    ``WAIT replicas timeout_ms`` (*wait*), on one connection to the node of the tenant's slot;
+    return the script's reply and how many replicas acknowledged.  After a ``NOSCRIPT`` (not
+    run) the script's text is sent with ``EVAL``.  *wire* None (a client that is not a plain
+    ``redis.Redis``): redis-py's pipeline, on one connection too.
+
+    Raises:
+        redis.RedisError: the connection failed or timed out, or the script failed.
+    """
+    if isinstance(client, redis.RedisCluster):
+        if keys.slot < 0:
+            keyslot: Any = client.keyslot  # untyped
+            keys.slot = keyslot(keys.state)
+        node = client.nodes_manager.get_node_from_slot(keys.slot)
+        pool = client.get_redis_connection(node).connection_pool
+    else:
+        pool = client.connection_pool
+    encoder: Any = pool.get_encoder()  # untyped
+    waiting = [b"WAIT", b"%d" % wait[0], b"%d" % wait[1]]
+    fixed = [b"%d" % len(written), *(encoder.encode(part) for part in (*written, *args))]
+    for name, text in ((b"EVALSHA", script[0]), (b"EVAL", script[1])):
+        commit = [name, text.encode(), *fixed]
+        if wire is None:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*commit)
+                pipe.execute_command(*waiting)
+                reply, acknowledged = pipe.execute(raise_on_error=False)
+        else:
+            packed = b"".join(
+                b"*%d\r\n%b" % (len(parts), b"".join(bulk(part) for part in parts))
+                for parts in (commit, waiting)
+            )
+            reply, acknowledged = wire.receive(pool, wire.send(pool, packed), 2)
+        if isinstance(reply, NoScriptError):  # not run: send the script itself
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acknowledged, Exception):
+            raise acknowledged
+        return reply, int(cast(int, acknowledged))
+    raise NoScriptError("the commit script is not loaded")  # pragma: no cover

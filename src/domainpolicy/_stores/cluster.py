@@ -44,9 +44,10 @@ replication lag) and, in the worst case, a block, a suspension or an admin event
 been acknowledged.  Counts that are lost only make the window more lenient by that amount; a
 lost block is made again by the next message over the limit, because the counts that caused it
 are still being sent.  A lost administrative event (an approval) must be repeated; its audit
-record is lost with it.  ``WAIT 1 <ms>`` after admin events, or ``min-replicas-to-write``, narrow
-the gap; persistence (AOF with ``appendfsync always``/``everysec``) covers restarts of a single
-server, not fail-over.
+record is lost with it.  The store's ``wait_replicas`` option (``WAIT`` after every state
+change, to the node of the tenant's slot; see `domainpolicy._stores.redis`) and
+``min-replicas-to-write`` on the server narrow the gap; persistence (AOF with
+``appendfsync always``/``everysec``) covers restarts of a single server, not fail-over.
 """
 
 from __future__ import annotations

@@ -24,6 +24,27 @@ backwards (a fail-over to a replica whose clock is behind), observations are cou
 newest bucket already seen, as the counting model specifies: nothing is lost, windows just last
 longer (fails closed).  ``server_time=False`` uses the caller's ``now`` (deterministic tests).
 
+Waiting for replicas
+--------------------
+``wait_replicas=N`` (URL query ``?wait_replicas=N&wait_timeout_ms=T``) makes every write that
+changes a tenant's state through the compare-and-set commit -- an administrative event
+(`RedisStore.apply`) and the slow path of an observation (a block, a suspension, a warning) --
+send ``WAIT N T`` on the same connection, to the node that holds the tenant's slot, right after
+the commit script.  When fewer than *N* replicas acknowledged the write within *T* ms:
+
+* an administrative event raises `StoreUnavailable` (the caller retries or checks): the event
+  *is* stored on the primary, but it may be lost by a fail-over;
+* a transition of an observation is kept (the primary has it, the decision stands), logged on
+  ``domainpolicy.store`` and counted in `RedisStore.replication_shortfalls`.
+
+The guarantee: an admin event for which `apply` returned, and a transition not counted as a
+shortfall, had reached *N* replicas' memory.  A fail-over that promotes one of them keeps it.
+It says nothing of the counts of the hot path (they are not waited for: that would put a round
+trip of replication on every message), nor of a promotion of a replica that had not
+acknowledged (with several replicas), nor of a replica restarted without persistence.
+``min-replicas-to-write`` on the server is the other half: a primary that lost its replicas
+refuses writes.  The tenant registry's commit is not waited for.
+
 Failures
 --------
 Every Redis error (and redis-py's ``RedisClusterException``) -- cannot connect, timed out
@@ -37,6 +58,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import random
 import threading
@@ -64,7 +86,7 @@ from domainpolicy._blockstate import (
     TenantState,
 )
 from domainpolicy._errors import InvalidConfiguration, StoreUnavailable, shown
-from domainpolicy._stores._resp import ERRORS, LAST, MORE, Prepared, Wire
+from domainpolicy._stores._resp import ERRORS, LAST, MORE, Prepared, Wire, commit_and_wait
 from domainpolicy._stores.base import (
     AuditRecord,
     Mutation,
@@ -87,13 +109,20 @@ from domainpolicy._stores.redis_schema import (
 )
 from domainpolicy._stores.registry_redis import RegistryRedis
 
-__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "RedisStore"]
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT", "DEFAULT_WAIT_TIMEOUT_MS", "RedisStore"]
 
 DEFAULT_PREFIX: Final = "dp:"
 """Prefix of every key the store writes."""
 
 DEFAULT_TIMEOUT: Final = 0.5
 """Default socket and connect timeout in seconds: an MTA never waits longer on Redis."""
+
+DEFAULT_WAIT_TIMEOUT_MS: Final = 100
+"""Default ``wait_timeout_ms``: how long ``WAIT`` waits for the replicas."""
+
+_WAIT_OPTIONS: Final = ("wait_replicas", "wait_timeout_ms")
+
+_log = logging.getLogger("domainpolicy.store")
 
 _MAX_WEIGHT: Final = 2**31 - 1
 _MAX_NOW: Final = 1e12
@@ -120,6 +149,23 @@ def _pairs(flat: object) -> dict[str, str]:
     return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
+def _wait_query(url: str) -> tuple[str, dict[str, Any]]:
+    """*url* without its ``wait_replicas`` and ``wait_timeout_ms`` query options, and those
+    options (whole numbers as ``int``, anything else as given, for the store to refuse)."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url, {}
+    kept: list[str] = []
+    found: dict[str, Any] = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name in _WAIT_OPTIONS:
+            found[name] = int(value) if value.isdigit() and value.isascii() else value
+        else:
+            kept.append(pair)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), found
+
+
 def _copy(state: TenantState) -> TenantState:
     return attrs.evolve(state, window=state.window.copy())
 
@@ -142,6 +188,10 @@ class RedisStore(RegistryRedis, StateStore):
         connect_timeout: seconds to wait for a connection (without *client*).
         max_attempts: compare-and-set attempts before a contended write gives up with
             `StoreUnavailable`.
+        wait_replicas: after a commit that changes a tenant's state, ``WAIT`` for this many
+            replicas (0: do not wait; see "Waiting for replicas" in the module docstring).
+        wait_timeout_ms: how long ``WAIT`` waits, in milliseconds (1 to 60,000, and below the
+            socket timeout).
 
     Raises:
         InvalidConfiguration: an option is invalid.
@@ -162,6 +212,8 @@ class RedisStore(RegistryRedis, StateStore):
         socket_timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = 100,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
     ) -> None:
         problems = []
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
@@ -174,6 +226,24 @@ class RedisStore(RegistryRedis, StateStore):
                 problems.append(f"{name}={shown(value)}: must be seconds in (0, 60]")
         if type(max_attempts) is not int or max_attempts < 1:
             problems.append(f"max_attempts={shown(max_attempts)}: must be an integer >= 1")
+        if type(wait_replicas) is not int or not 0 <= wait_replicas <= 100:
+            problems.append(
+                f"wait_replicas={shown(wait_replicas)}: must be a number of replicas in [0, 100]"
+            )
+        if type(wait_timeout_ms) is not int or not 1 <= wait_timeout_ms <= 60_000:
+            problems.append(
+                f"wait_timeout_ms={shown(wait_timeout_ms)}: must be milliseconds in [1, 60000]"
+            )
+        elif (
+            type(wait_replicas) is int
+            and wait_replicas > 0
+            and type(socket_timeout) in (int, float)
+            and wait_timeout_ms >= socket_timeout * 1000
+        ):
+            problems.append(
+                f"wait_timeout_ms={wait_timeout_ms}: must be below socket_timeout "
+                f"({socket_timeout} s), or the reply of WAIT times out"
+            )
         if problems:
             raise InvalidConfiguration(problems, source="RedisStore")
         self._owns_client = client is None
@@ -192,6 +262,11 @@ class RedisStore(RegistryRedis, StateStore):
         self.prefix = prefix
         self.server_time = bool(server_time)
         self.max_attempts = max_attempts
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self.replication_shortfalls = 0
+        """Transitions of observations stored on the primary that fewer than `wait_replicas`
+        replicas acknowledged in time (logged on ``domainpolicy.store``)."""
         self._registry = prefix + "tenants"
         self._observe: Script = client.register_script(OBSERVE_LUA)
         self._snapshot: Script = client.register_script(SNAPSHOT_LUA)
@@ -222,12 +297,15 @@ class RedisStore(RegistryRedis, StateStore):
         socket_timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = 100,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         **redis_options: Any,
     ) -> RedisStore:
         """Open a store from ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS) or
         ``unix:///path/to/socket?db=N``; extra keyword arguments go to ``redis.Redis.from_url``.
         A ``redis+cluster://`` or ``rediss+cluster://`` URL opens a Redis Cluster
-        (`from_cluster_url`).
+        (`from_cluster_url`).  The query options ``wait_replicas`` and ``wait_timeout_ms`` are the
+        store's (they replace the keyword arguments), the others redis-py's.
 
         Raises:
             InvalidConfiguration: the URL or an option is invalid.
@@ -241,8 +319,12 @@ class RedisStore(RegistryRedis, StateStore):
                 socket_timeout=socket_timeout,
                 connect_timeout=connect_timeout,
                 max_attempts=max_attempts,
+                wait_replicas=wait_replicas,
+                wait_timeout_ms=wait_timeout_ms,
                 **redis_options,
             )
+        url, waiting = _wait_query(url)
+        waiting = {"wait_replicas": wait_replicas, "wait_timeout_ms": wait_timeout_ms, **waiting}
         try:
             client = redis.Redis.from_url(
                 url,
@@ -260,6 +342,7 @@ class RedisStore(RegistryRedis, StateStore):
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             max_attempts=max_attempts,
+            **waiting,
         )
 
     @classmethod
@@ -272,13 +355,16 @@ class RedisStore(RegistryRedis, StateStore):
         socket_timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = DEFAULT_TIMEOUT,
         max_attempts: int = 100,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = DEFAULT_WAIT_TIMEOUT_MS,
         **redis_options: Any,
     ) -> RedisStore:
         """Open a store on a Redis Cluster from
         ``redis+cluster://[user:password@]host:port[,host:port...][/0][?option=value&...]``
         (``rediss+cluster://`` for TLS).  Every ``host:port`` (port 6379 when left out) is a
         startup node: the client asks the first one that answers for the cluster's slot table.
-        The query options are those of ``redis://`` URLs; extra keyword arguments go to
+        The query options are those of ``redis://`` URLs (with the store's ``wait_replicas`` and
+        ``wait_timeout_ms``); extra keyword arguments go to
         ``redis.RedisCluster``.  A cluster has only database 0: any other database is refused.
         The timeouts and the no-retry policy are those of `from_url`: a script that may have
         run is never sent again.
@@ -290,6 +376,8 @@ class RedisStore(RegistryRedis, StateStore):
                 cluster mode.
             StoreUnavailable: no startup node can be reached.
         """
+        url, waiting = _wait_query(url)
+        waiting = {"wait_replicas": wait_replicas, "wait_timeout_ms": wait_timeout_ms, **waiting}
         first, others = cluster_url(url)
         try:
             client = redis.RedisCluster(
@@ -318,6 +406,7 @@ class RedisStore(RegistryRedis, StateStore):
             socket_timeout=socket_timeout,
             connect_timeout=connect_timeout,
             max_attempts=max_attempts,
+            **waiting,
         )
 
     @classmethod
@@ -438,9 +527,18 @@ class RedisStore(RegistryRedis, StateStore):
         state: TenantState,
         records: Sequence[AuditRecord],
         rows: Sequence[OutboxRow] = (),
+        *,
+        strict: bool,
     ) -> int | None:
         """Write *state*, *records* and the alert outbox *rows* if the stored version is still
-        *version*; return the new version, or None when another writer got in first."""
+        *version*; return the new version, or None when another writer got in first.
+
+        With `wait_replicas`, the write is followed by ``WAIT``; when too few replicas
+        acknowledged, a *strict* write (an administrative event) raises `StoreUnavailable`
+        after it is stored, another one is logged and counted.
+
+        Raises:
+            StoreUnavailable: Redis failed, or (*strict*) too few replicas acknowledged."""
         data = state.to_dict()
         window = data.pop("window")
         st = data.pop("state")
@@ -468,7 +566,13 @@ class RedisStore(RegistryRedis, StateStore):
             written += outbox_keys(self.prefix, tenant)[:2]
             args += outbox_args(rows)
         try:
-            result = self._commit(keys=written, args=args)
+            if self.wait_replicas:
+                result, acknowledged = commit_and_wait(
+                    self._client, self._wire, keys, (self._commit.sha, COMMIT_LUA), written,
+                    args, (self.wait_replicas, self.wait_timeout_ms),
+                )  # fmt: skip
+            else:
+                result, acknowledged = self._commit(keys=written, args=args), None
         except ERRORS as exc:
             raise self._fail(f"write of tenant {shown(tenant)}", exc) from exc
         if not isinstance(result, int) or result == -1:
@@ -478,6 +582,16 @@ class RedisStore(RegistryRedis, StateStore):
         if rows:
             self._alert_outbox().indexed([tenant])
         self._remember(tenant, result, state)
+        if acknowledged is not None and acknowledged < self.wait_replicas:
+            shortfall = (
+                f"the write of tenant {shown(tenant)} is stored on the primary but "
+                f"{acknowledged} of {self.wait_replicas} replicas acknowledged it within "
+                f"{self.wait_timeout_ms} ms: a fail-over may lose it"
+            )
+            if strict:
+                raise StoreUnavailable(f"Redis store: {shortfall}")
+            self.replication_shortfalls += 1
+            _log.warning("Redis store: %s", shortfall)
         return result
 
     def _remember(self, tenant: str, version: int, state: TenantState) -> None:
@@ -630,7 +744,7 @@ class RedisStore(RegistryRedis, StateStore):
         )
         records = audit_records(tenant, at, "observe", None, {}, before, new.state, effects)
         rows = transition_rows(self.alert_route, machine, new, effects.alerts, at)
-        if self._write(tenant, keys, version, new, records, rows) is not None:
+        if self._write(tenant, keys, version, new, records, rows, strict=False) is not None:
             return (new, effects), False  # _write registers a tenant it creates
         return None, False
 
@@ -986,7 +1100,7 @@ class RedisStore(RegistryRedis, StateStore):
             )
             self._register(tenant)
             rows = transition_rows(self.alert_route, None, new, effects.alerts, now)
-            if self._write(tenant, keys, version, new, records, rows) is not None:
+            if self._write(tenant, keys, version, new, records, rows, strict=True) is not None:
                 return new, effects
             self._backoff(attempt)
         raise StoreUnavailable(
